@@ -1,0 +1,66 @@
+"""Core helper behaviour: the course's DummyModel, dtype printing, seeding, images."""
+
+import pytest
+import torch
+
+import helper
+
+
+def test_dummy_model_reproduces_the_course_logits():
+    logits = helper.DummyModel()(torch.LongTensor([[1, 0], [0, 1]]))
+    assert logits.shape == (2, 2, 2)
+    expected = torch.tensor([-0.6872, 0.7132]).expand(2, 2, 2)
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def test_print_param_dtype_lists_every_parameter(capsys):
+    helper.print_param_dtype(helper.DummyModel().half())
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 11
+    assert lines[0] == "token_embedding.weight is loaded in torch.float16"
+    with pytest.raises(TypeError, match="nn.Module"):
+        helper.print_param_dtype("model")
+
+
+def test_setup_notebook_seeds_torch_and_numpy():
+    import numpy as np
+
+    helper.setup_notebook(seed=7)
+    first = (torch.rand(3), np.random.rand(3))
+    helper.setup_notebook(seed=7)
+    assert torch.equal(first[0], torch.rand(3)) and np.array_equal(first[1], np.random.rand(3))
+
+
+def test_versions_names_the_course_libraries():
+    found = helper.versions()
+    assert found["torch"].startswith("2.13.0")
+    assert set(found) >= {"transformers", "optimum-quanto", "torchao", "bitsandbytes"}
+
+
+def test_every_shipped_photo_loads_as_rgb():
+    photos = [p for p in helper.ASSETS_DIR.glob("*.jpg")]
+    assert len(photos) >= 5
+    for path in photos:
+        image = helper.load_image(path)
+        assert image.mode == "RGB" and min(image.size) >= 224
+
+
+def test_preprocess_image_gives_a_normalised_batch():
+    batch = helper.preprocess_image(helper.load_image(helper.asset_path("coffee.jpg")))
+    assert batch.shape == (1, 3, 224, 224) and batch.dtype == torch.float32
+    assert -3 < batch.min() < 0 < batch.max() < 3
+
+
+def test_asset_path_lists_what_exists():
+    with pytest.raises(FileNotFoundError, match="chelsea_cat.jpg"):
+        helper.asset_path("dog.jpg")
+
+
+def test_imagenet_classes_has_1000_names_in_model_order():
+    names = helper.imagenet_classes()
+    assert len(names) == 1000 and names[0] == "tench" and names[281] == "tabby"
+
+
+def test_get_generation_rejects_other_inputs():
+    with pytest.raises(TypeError, match="PIL image or a str"):
+        helper.get_generation(None, None, 42)

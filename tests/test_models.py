@@ -1,0 +1,88 @@
+"""The packaged real models load offline, give sensible outputs, and the cache heals itself."""
+
+import shutil
+import time
+
+import pytest
+import torch
+
+import helper
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return helper.load_smollm2()
+
+
+def test_smollm2_is_the_real_instruct_model(smollm2):
+    model, tokenizer = smollm2
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings
+    assert "Paris" in helper.chat(model, tokenizer, "What is the capital of France?", max_new_tokens=12)
+
+
+def test_smollm2_perplexity_is_that_of_a_trained_model(smollm2):
+    model, tokenizer = smollm2
+    ppl = helper.perplexity(model, tokenizer, max_tokens=128)
+    assert 2 < ppl < 40  # a random model of this vocabulary scores ~49,000
+    with pytest.raises(ValueError, match="two tokens"):
+        helper.perplexity(model, tokenizer, text="a", max_tokens=1)
+
+
+def test_minilm_embeddings_rank_paraphrases_above_unrelated():
+    model, tokenizer = helper.load_minilm()
+    emb = helper.sentence_embeddings(model, tokenizer, ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."])
+    assert emb.shape == (3, 384)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert emb[0] @ emb[1] > 0.5 > emb[0] @ emb[2]
+
+
+@pytest.mark.parametrize("photo, accepted", [("chelsea_cat.jpg", {"tabby", "tiger cat", "Egyptian cat"}), ("coffee.jpg", {"espresso", "cup", "coffee mug"})])
+def test_efficientnet_recognises_the_shipped_photos(photo, accepted):
+    model = helper.load_efficientnet_lite0()
+    top = helper.classify(model, helper.load_image(helper.asset_path(photo)), k=1)
+    assert top[0][0] in accepted
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    good = helper.smollm2_dir()
+    broken = tmp_path / good.name
+    shutil.copytree(good, broken)
+    weights = broken / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip one byte in the middle of the weights
+    weights.write_bytes(bytes(data))
+    assert helper.cache_is_valid(good) and not helper.cache_is_valid(broken)
+    monkeypatch.setenv("QUANT_COURSE_CACHE", str(tmp_path))
+    rebuilt = helper.smollm2_dir()
+    assert rebuilt == broken and helper.cache_is_valid(rebuilt)
+    assert (rebuilt / "MANIFEST.json").read_text() == (good / "MANIFEST.json").read_text()
+
+
+def test_half_written_cache_without_manifest_is_invalid(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert not helper.cache_is_valid(tmp_path)
+
+
+def test_hub_switch_parsing(monkeypatch):
+    for value, expected in [("1", True), ("true", True), ("0", False), ("", False), ("no", False)]:
+        monkeypatch.setenv(helper.HUB_SWITCH, value)
+        assert helper.use_hub() is expected
+    monkeypatch.delenv(helper.HUB_SWITCH)
+    assert helper.use_hub() is False
+
+
+def test_hub_model_offline_fails_fast_with_advice(monkeypatch):
+    from transformers import AutoModel
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a port that refuses at once
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    start = time.perf_counter()
+    with pytest.raises(helper.HubUnavailableError, match=helper.HUB_SWITCH):
+        helper.load_hub_model(AutoModel, "google/flan-t5-small")
+    assert time.perf_counter() - start < 10
+
+
+def test_missing_package_names_the_fix():
+    with pytest.raises(ModuleNotFoundError, match="make setup"):
+        helper.package_dir("no_such_course_package")
