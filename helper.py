@@ -286,6 +286,33 @@ def load_hub_model(model_cls, name: str, **kwargs: Any):
 
 
 # ---------------------------------------------------------------------------
+# Lesson 1: numeric data types
+# ---------------------------------------------------------------------------
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def float_bits(value: float, dtype: torch.dtype) -> tuple[str, str, str]:
+    """Sign, exponent and mantissa bit strings of `value` rounded to the float `dtype`."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"float_bits expects a floating torch.dtype, got {dtype!r}")
+    info = torch.finfo(dtype)
+    width = info.bits
+    mantissa_bits = round(-math.log2(info.eps))
+    exponent_bits = width - 1 - mantissa_bits
+    raw = torch.tensor([value], dtype=dtype).view(_INT_VIEW[width // 8]).item()
+    bits = format(raw & ((1 << width) - 1), f"0{width}b")
+    return bits[0], bits[1 : 1 + exponent_bits], bits[1 + exponent_bits :]
+
+
+def largest_exact_integer(dtype: torch.dtype) -> int:
+    """Largest n such that every integer 0..n is exactly representable in the float `dtype`."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"largest_exact_integer expects a floating torch.dtype, got {dtype!r}")
+    return 2 ** (round(-math.log2(torch.finfo(dtype).eps)) + 1)
+
+
+# ---------------------------------------------------------------------------
 # Lesson 2: data types of a model (DummyModel and friends)
 # ---------------------------------------------------------------------------
 
