@@ -64,3 +64,12 @@ def test_imagenet_classes_has_1000_names_in_model_order():
 def test_get_generation_rejects_other_inputs():
     with pytest.raises(TypeError, match="PIL image or a str"):
         helper.get_generation(None, None, 42)
+
+
+def test_load_image_refuses_absurdly_large_images(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "huge.png"
+    Image.new("1", (8000, 8000)).save(path)  # 64 M pixels, a few kB on disk
+    with pytest.raises(ValueError, match="pixels"):
+        helper.load_image(path)
