@@ -380,20 +380,8 @@ def matmul_seconds(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
     return best
 
 
-# Printed by the child of fresh_process_peak_mb. Linux VmHWM is the high-water mark of the
-# child's own address space; ru_maxrss is NOT usable there: it survives fork/exec, so a child
-# started from a big notebook kernel would report at least the kernel's size.
-_PEAK_SNIPPET = """
-import sys as _sys
-try:
-    with open("/proc/self/status") as _f:
-        _mb = int(next(l.split()[1] for l in _f if l.startswith("VmHWM:"))) * 1024 / 1e6
-except (OSError, StopIteration):
-    import resource as _resource
-    _raw = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
-    _mb = _raw / 1e6 if _sys.platform == "darwin" else _raw * 1024 / 1e6
-print("__PEAK_MB__", _mb)
-"""
+# Printed by the child of fresh_process_peak_mb (peak_rss_mb reads the child's own VmHWM).
+_PEAK_SNIPPET = "import helper as _helper; print('__PEAK_MB__', _helper.peak_rss_mb())"
 
 
 def fresh_process_peak_mb(code: str, timeout: float = 600.0) -> float:
@@ -635,10 +623,17 @@ def decode_tokens_per_s(model, tokenizer, prompt: str = "The history of", new_to
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux ru_maxrss is in KiB)."""
-    import resource
+    """Peak resident memory of this process so far, in MB (its own high-water mark, VmHWM)."""
+    # Not ru_maxrss: Linux carries it over from the parent through fork and exec, so a child
+    # started by a process holding a model would report the parent's peak.
+    try:
+        with open("/proc/self/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        return kib * 1024 / 1e6
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def rss_mb() -> float:
@@ -930,19 +925,6 @@ def quanto_size_breakdown(model: nn.Module) -> dict[str, int]:
 # ---------------------------------------------------------------------------
 # Lesson 5: post-training dynamic quantization (torch.ao, torchao)
 # ---------------------------------------------------------------------------
-
-
-def held_model_size(model: nn.Module) -> int:
-    """Bytes held by `model` like `model_size`, keeping unpacked torch.ao weights alive while counting."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"held_model_size expects an nn.Module, got {type(model).__name__}")
-    # `_packed_params._weight_bias()` returns a fresh temporary on each call; deduplicating by id()
-    # alone can skip a later tensor that reuses a freed temporary's id. Holding every tensor in
-    # the dict keeps the ids unique, so each tensor is counted exactly once.
-    held: dict[int, torch.Tensor] = {}
-    for _, tensor in named_module_tensors(model, recurse=True):
-        held.setdefault(id(tensor), tensor)
-    return sum(tensor_nbytes(t) for t in held.values())
 
 
 def count_modules(model: nn.Module) -> "Counter[str]":

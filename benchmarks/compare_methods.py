@@ -1,0 +1,325 @@
+"""Compare every quantization method of the course on SmolLM2-135M-Instruct, on this machine.
+
+For each method the script loads the model once, quantizes it, and measures the bytes really held
+(helper.model_size), the ratio to fp32, perplexity on helper.eval_text(), greedy decode speed, the
+load+quantize time and the process's peak resident memory. Every method runs in a fresh
+subprocess (this script re-invoked with --method NAME --json) so that peak RSS is per method.
+
+Usage:
+    python benchmarks/compare_methods.py                       # all methods -> benchmarks/results/
+    python benchmarks/compare_methods.py --methods fp32 bf16 quanto-int8 --out /tmp/bench
+    python benchmarks/compare_methods.py --tiny --out /tmp/bench  # tiny random model (tests)
+
+In every quantized method the tied lm_head (it shares its weight with the token embedding) stays
+in full precision, and so does the embedding: only the decoder's nn.Linear layers are quantized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without the editable install, too
+
+import helper  # noqa: E402  (sets the torchao loggers before torchao is imported)
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+RESULTS_DIR = REPO / "benchmarks" / "results"
+CSV_NAME = "smollm2_cpu.csv"
+MD_NAME = "smollm2_cpu.md"
+REGENERATE = "python benchmarks/compare_methods.py"
+COLUMNS = [
+    "method", "library", "bytes", "reported_bytes", "ratio_to_fp32", "perplexity",
+    "decode_tokens_per_s", "load_quantize_s", "peak_rss_mb",
+]
+SKIP = "lm_head"  # tied to the embedding: kept in full precision by every method
+
+
+# ---------------------------------------------------------------------------
+# The methods: name -> (library, loader(folder) -> model in eval mode)
+# ---------------------------------------------------------------------------
+
+
+def _load(folder: Path, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+
+
+def _quanto(weights: str) -> Callable[[Path], nn.Module]:
+    def load(folder: Path) -> nn.Module:
+        from optimum.quanto import freeze, quantize
+
+        model = _load(folder)
+        quantize(model, weights=weights, exclude=SKIP)
+        freeze(model)
+        return model
+
+    return load
+
+
+def _w8a16(folder: Path) -> nn.Module:
+    return helper.replace_linear_with_w8a16(_load(folder), exclude=(SKIP,))
+
+
+def _torch_ao_dynamic(folder: Path) -> nn.Module:
+    model = _load(folder)
+    qconfig = torch.ao.quantization.default_dynamic_qconfig
+    spec = {name: qconfig for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != SKIP}
+    with warnings.catch_warnings():  # the API is deprecated (lesson 5 shows the warning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated")
+        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def _torchao(config_name: str) -> Callable[[Path], nn.Module]:
+    def load(folder: Path) -> nn.Module:
+        import torchao.quantization as tq
+
+        model = _load(folder)
+        keep = lambda module, fqn: isinstance(module, nn.Linear) and fqn != SKIP  # noqa: E731
+        tq.quantize_(model, getattr(tq, config_name)(), filter_fn=keep)
+        return model
+
+    return load
+
+
+def _bnb(**config) -> Callable[[Path], nn.Module]:
+    def load(folder: Path) -> nn.Module:
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(**config, llm_int8_skip_modules=[SKIP])
+        return _load(folder, quantization_config=bnb, device_map="cpu")
+
+    return load
+
+
+METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
+    "fp32": ("torch (baseline)", lambda f: _load(f, torch.float32)),
+    "bf16": ("torch dtype", lambda f: _load(f, torch.bfloat16)),
+    "fp16": ("torch dtype", lambda f: _load(f, torch.float16)),
+    "quanto-int8": ("optimum-quanto qint8 weights", _quanto("qint8")),
+    "quanto-int4": ("optimum-quanto qint4 weights", _quanto("qint4")),
+    "w8a16-scratch": ("course helper W8A16Linear", _w8a16),
+    "torch.ao-dynamic-int8": ("torch.ao quantize_dynamic (deprecated)", _torch_ao_dynamic),
+    "torchao-int8-weight-only": ("torchao Int8WeightOnlyConfig", _torchao("Int8WeightOnlyConfig")),
+    "torchao-int8-dynamic": ("torchao Int8DynamicActivationInt8WeightConfig", _torchao("Int8DynamicActivationInt8WeightConfig")),
+    "bnb-int8": ("bitsandbytes LLM.int8()", _bnb(load_in_8bit=True)),
+    "bnb-nf4": ("bitsandbytes NF4", _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+}
+
+
+# ---------------------------------------------------------------------------
+# One method, measured inside its own process
+# ---------------------------------------------------------------------------
+
+
+def measure(method: str, folder: Path, max_tokens: int, new_tokens: int) -> dict:
+    """Load+quantize one method and measure it; runs in a fresh process (peak RSS is per method)."""
+    from transformers import AutoTokenizer
+
+    library, loader = METHODS[method]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    start = time.perf_counter()
+    model = loader(folder)
+    load_s = time.perf_counter() - start
+    row = {
+        "method": method,
+        "library": library,
+        "bytes": helper.model_size(model),
+        "reported_bytes": model.get_memory_footprint(),
+        "perplexity": helper.perplexity(model, tokenizer, max_tokens=max_tokens),
+        "decode_tokens_per_s": helper.decode_tokens_per_s(model, tokenizer, new_tokens=new_tokens),
+        "load_quantize_s": load_s,
+    }
+    del model
+    gc.collect()
+    row["peak_rss_mb"] = helper.peak_rss_mb()
+    return row
+
+
+def run_isolated(method: str, folder: Path, args: argparse.Namespace) -> dict:
+    """Run `measure` for one method in a fresh Python process and return its row."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--json",
+           "--model-dir", str(folder), "--max-tokens", str(args.max_tokens),
+           "--new-tokens", str(args.new_tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"method {method!r} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+# The tiny model (tests) and the machine description
+# ---------------------------------------------------------------------------
+
+
+def build_tiny_model(target: Path) -> Path:
+    """Save a tiny random Llama (SmolLM2 tokenizer) whose Linear layers outweigh its embedding."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(helper.smollm2_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=8192, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def simd_flags() -> str:
+    """The CPU's vector extensions that matter for int8/bf16 kernels, from /proc/cpuinfo."""
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "flags unknown"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    found = [f for f in wanted if f in flags]
+    return "+".join(found) if found else "no AVX2/AVX-512/AMX"
+
+
+def machine_line(model_name: str, load_avg: float) -> str:
+    """One line saying what was measured, where, when, and how to regenerate it."""
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    return (f"{model_name} on {cpu_model()} ({simd_flags()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{today}, 1-min load average {load_avg:.1f} at start; regenerate: {REGENERATE}")
+
+
+# ---------------------------------------------------------------------------
+# Output files
+# ---------------------------------------------------------------------------
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Fill ratio_to_fp32 (bytes / fp32 bytes) in every row; needs the fp32 row."""
+    base = next((r["bytes"] for r in rows if r["method"] == "fp32"), None)
+    if base is None:
+        raise ValueError("the fp32 row is missing: it is the baseline of ratio_to_fp32")
+    for row in rows:
+        row["ratio_to_fp32"] = row["bytes"] / base
+    return rows
+
+
+def write_csv(rows: list[dict], header: str, path: Path) -> None:
+    """CSV with a first comment line (# machine ...) then one row per method."""
+    with open(path, "w", newline="") as handle:
+        handle.write(f"# {header}\n")
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def write_markdown(rows: list[dict], header: str, path: Path) -> None:
+    """A markdown table of the same rows, under a line naming the machine."""
+    lines = [
+        f"Measured: {header}", "",
+        "| method | library | bytes held (MB) | ratio to fp32 | perplexity | decode tokens/s "
+        "| load+quantize s | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['library']} | {r['bytes'] / 1e6:.1f} | {r['ratio_to_fp32']:.3f} "
+            f"| {r['perplexity']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['load_quantize_s']:.1f} "
+            f"| {r['peak_rss_mb']:.0f} |"
+        )
+    lines += ["", "Bytes held are counted by helper.model_size (integer data plus scales); "
+              "lm_head (tied to the embedding) stays in full precision in every method."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="subset of methods (fp32 is always added: it is the ratio's baseline)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="tokens of eval_text for perplexity")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated for decode speed")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the CSV and markdown")
+    parser.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2 (fast; tests)")
+    parser.add_argument("--method", choices=list(METHODS), help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.max_tokens < 2 or args.new_tokens < 1:
+        parser.error("--max-tokens must be >= 2 and --new-tokens >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.method:  # child: one method, one JSON line on stdout
+        row = measure(args.method, args.model_dir or helper.smollm2_dir(), args.max_tokens, args.new_tokens)
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(row)
+        return 0
+
+    from tqdm.auto import tqdm
+
+    methods = ["fp32"] + [m for m in dict.fromkeys(args.methods) if m != "fp32"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tiny-llama-") as tmp:
+        folder = build_tiny_model(Path(tmp)) if args.tiny else helper.smollm2_dir()
+        name = "tiny random Llama (tests)" if args.tiny else "SmolLM2-135M-Instruct"
+        rows, failed = [], []
+        load_avg = os.getloadavg()[0]  # other processes slow every timing down: say how busy it was
+        start = time.perf_counter()
+        bar = tqdm(methods, desc="methods", unit="method")
+        for method in bar:
+            bar.set_postfix_str(method)
+            try:
+                rows.append(run_isolated(method, folder, args))
+            except RuntimeError as error:
+                failed.append(method)
+                tqdm.write(str(error), file=sys.stderr)
+    header = machine_line(name, load_avg)
+    add_ratios(rows)
+    write_csv(rows, header, args.out / CSV_NAME)
+    write_markdown(rows, header, args.out / MD_NAME)
+    print(f"{len(rows)} methods in {time.perf_counter() - start:.0f} s -> {args.out / CSV_NAME}")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

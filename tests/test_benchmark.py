@@ -1,0 +1,83 @@
+"""The capstone benchmark script, end to end on a tiny random Llama (no timings asserted)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "compare_methods.py"
+COLUMNS = [
+    "method", "library", "bytes", "reported_bytes", "ratio_to_fp32", "perplexity",
+    "decode_tokens_per_s", "load_quantize_s", "peak_rss_mb",
+]
+
+
+def read_results(path: Path) -> tuple[str, list[dict]]:
+    """(the '# ...' machine line, rows) of a results CSV."""
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# "), "the CSV starts with a comment line naming the machine"
+    return lines[0], list(csv.DictReader(lines[1:]))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run the script once with --tiny on three cheap methods (bf16 listed before fp32 on purpose)."""
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--methods", "bf16", "w8a16-scratch",
+           "--max-tokens", "32", "--new-tokens", "2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_csv_columns_and_methods(tiny_run):
+    out, _ = tiny_run
+    header, rows = read_results(out / "smollm2_cpu.csv")
+    assert list(rows[0]) == COLUMNS
+    # fp32 is added (it is the ratio's baseline) and comes first; no method is repeated
+    assert [r["method"] for r in rows] == ["fp32", "bf16", "w8a16-scratch"]
+    assert "tiny random Llama" in header and "cores" in header and "torch " in header
+
+
+def test_sizes_and_ratios_are_consistent(tiny_run):
+    out, _ = tiny_run
+    rows = {r["method"]: r for r in read_results(out / "smollm2_cpu.csv")[1]}
+    size = {m: int(r["bytes"]) for m, r in rows.items()}
+    assert size["w8a16-scratch"] < size["bf16"] < size["fp32"]
+    assert float(rows["fp32"]["ratio_to_fp32"]) == 1.0
+    assert size["bf16"] * 2 == pytest.approx(size["fp32"], rel=1e-4)  # every tensor halves (buffers too)
+    for method, row in rows.items():
+        assert float(row["ratio_to_fp32"]) == pytest.approx(size[method] / size["fp32"], abs=1e-4)
+    # plain dtypes report what they hold; the from-scratch int8 buffers are reported honestly too
+    assert int(rows["fp32"]["reported_bytes"]) == size["fp32"]
+
+
+def test_measurements_are_finite(tiny_run):
+    out, _ = tiny_run
+    for row in read_results(out / "smollm2_cpu.csv")[1]:
+        ppl = float(row["perplexity"])
+        assert math.isfinite(ppl) and ppl > 1, row
+        for column in ("decode_tokens_per_s", "load_quantize_s", "peak_rss_mb"):
+            assert float(row[column]) > 0, (column, row)
+
+
+def test_markdown_table_matches_csv(tiny_run):
+    out, _ = tiny_run
+    text = (out / "smollm2_cpu.md").read_text()
+    assert text.startswith("Measured: tiny random Llama")
+    table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [line.split("|")[1].strip() for line in table] == ["fp32", "bf16", "w8a16-scratch"]
+
+
+def test_unknown_method_is_rejected():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--methods", "int3-magic"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -1,0 +1,132 @@
+"""Unit tests for the Lesson 5 helpers (dynamic quantization): tiny models, hand-computed values."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import helper
+
+
+def _quantize_dynamic(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated (the lesson shows the warning)
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=8, n_layer=2, n_head=2, vocab_size=11, n_positions=16, tie_word_embeddings=True)
+    return GPT2LMHeadModel(config).eval()
+
+
+class _TinyLM(nn.Module):
+    """Causal-LM-like wrapper: embedding, two linears, `.logits` output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(5, 4)
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 5)
+
+    def forward(self, input_ids):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.fc2(torch.relu(self.fc1(self.embed(input_ids)))))
+
+
+class _WordTokenizer:
+    """Maps each character of a string to an id (enough for activation_absmax)."""
+
+    def __call__(self, text, return_tensors="pt"):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([[ord(c) % 5 for c in text]]))
+
+
+def test_model_size_torch_ao_dynamic_linear_by_hand():
+    model = _quantize_dynamic(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 3, bias=False)))
+    # int8 weight + one float64 scale + one int64 zero point (per tensor) + fp32 bias
+    expected = (8 * 4 + 8 + 8 + 4 * 4) + (4 * 3 + 8 + 8)
+    assert helper.model_size(model) == expected
+
+
+def test_model_size_counts_every_packed_linear_once():
+    # many temporaries from _weight_bias(): each must be counted, none twice
+    model = _quantize_dynamic(nn.Sequential(*[nn.Linear(8, 4) for _ in range(200)]))
+    assert helper.model_size(model) == 200 * (8 * 4 + 8 + 8 + 4 * 4)
+
+
+def test_model_size_torchao_int8_linear_by_hand():
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+    for config in (Int8DynamicActivationInt8WeightConfig(), Int8WeightOnlyConfig()):
+        model = nn.Sequential(nn.Linear(8, 4))
+        quantize_(model, config)
+        # int8 weight + per-row fp32 scale + per-row int8 zero point + fp32 bias
+        assert helper.model_size(model) == 8 * 4 + 4 * 4 + 4 * 1 + 4 * 4
+
+
+def test_model_size_plain_and_tied():
+    model = _tiny_gpt2()
+    params = {id(p): p for p in model.parameters()}  # tied lm_head counts once
+    assert helper.model_size(model) == sum(p.numel() * 4 for p in params.values())
+    with pytest.raises(TypeError):
+        helper.model_size("not a model")
+
+
+def test_count_modules_before_after_quantize_dynamic():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2), nn.LayerNorm(2))
+    before = helper.count_modules(model)
+    assert before == {"Sequential": 1, "Linear": 2, "ReLU": 1, "LayerNorm": 1}
+    after = helper.count_modules(_quantize_dynamic(model))
+    assert after["quantized.dynamic.Linear"] == 2 and after["Linear"] == 0
+    assert after["LayerNorm"] == 1
+    with pytest.raises(TypeError):
+        helper.count_modules(42)
+
+
+def test_count_modules_gpt2_conv1d_is_not_replaced():
+    model = _tiny_gpt2()
+    after = helper.count_modules(_quantize_dynamic(copy.deepcopy(model)))
+    assert helper.count_modules(model)["Conv1D"] == 2 * 4
+    assert after["Conv1D"] == 2 * 4  # Conv1D is not nn.Linear: untouched
+    assert after["quantized.dynamic.Linear"] == 1  # only the tied lm_head
+
+
+def test_logits_diff_identical_and_shifted():
+    model = _TinyLM().eval()
+    ids = torch.tensor([[0, 1, 2, 3]])
+    assert helper.logits_diff(model, model, ids) == (0.0, 0.0)
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted.fc2.bias += torch.tensor([0.5, 0.0, 0.0, 0.0, -1.0])
+    mean, biggest = helper.logits_diff(model, shifted, ids)
+    assert biggest == pytest.approx(1.0, abs=1e-6)
+    assert mean == pytest.approx(1.5 / 5, abs=1e-6)
+    with pytest.raises(TypeError):
+        helper.logits_diff(model, model, [[0, 1]])
+
+
+def test_activation_absmax_matches_manual_and_removes_hooks():
+    model = _TinyLM().eval()
+    tokenizer = _WordTokenizer()
+    text = "abcde"
+    absmax = helper.activation_absmax(model, tokenizer, text)
+    assert set(absmax) == {"fc1", "fc2"}
+    ids = tokenizer(text).input_ids
+    with torch.no_grad():
+        x1 = model.embed(ids)[0]
+        x2 = torch.relu(model.fc1(x1))
+    assert torch.equal(absmax["fc1"], x1.abs().amax(0))
+    assert torch.equal(absmax["fc2"], x2.abs().amax(0))
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    only = helper.activation_absmax(model, tokenizer, text, module_filter=lambda n, m: n == "fc2")
+    assert set(only) == {"fc2"}
+    with pytest.raises(ValueError):
+        helper.activation_absmax(model, tokenizer, text, module_filter=lambda n, m: False)
