@@ -29,6 +29,11 @@ import logging
 # torchao's enums. Silence exactly those loggers (before torchao is first imported).
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# bitsandbytes: on CPUs with AVX512-BF16 it logs that the optional `kernels` package (a faster
+# 4-bit kernel fetched from the Hub) is missing, and LLM.int8() logs "MatMul8bitLt: inputs will
+# be cast ... to float16" at every forward pass. Lesson 6 explains both; the lines teach nothing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
