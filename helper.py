@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import io
 import json
@@ -16,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 import urllib.parse
 from collections import defaultdict
@@ -37,6 +40,40 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+
+class _NoBnbBf16KernelFinder(importlib.abc.MetaPathFinder):
+    """Keeps bitsandbytes off its AVX512-BF16 kernel when the tests force the CPU kernels down.
+
+    `make test` runs every lesson twice: natively and with ATEN_CPU_CAPABILITY=avx2 (plus the
+    oneDNN, MKL and FBGEMM switches, see the Makefile), to prove the lessons' claims on a CPU
+    without AVX-512. bitsandbytes asks the CPU itself (CPUID) whether it may use its fused
+    AVX512-BF16 4-bit kernel, so no environment variable reaches it: this import hook answers
+    "no" for it, before its CPU backend registers the kernel. On a real AVX2 CPU it changes nothing.
+    """
+
+    TARGET = "bitsandbytes.backends.cpu.ops"
+
+    def find_spec(self, name, path, target=None):
+        if name != self.TARGET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            import bitsandbytes.functional
+
+            bitsandbytes.functional.has_avx512bf16 = lambda: False
+            run_module(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() not in {"", "avx512"}:
+    sys.meta_path.insert(0, _NoBnbBf16KernelFinder())
 
 REPO_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = REPO_DIR / "assets"
@@ -616,15 +653,47 @@ def perplexity(model, tokenizer, text: str | None = None, max_tokens: int = 512)
     return math.exp(loss.item())
 
 
-def decode_tokens_per_s(model, tokenizer, prompt: str = "The history of", new_tokens: int = 32) -> float:
-    """Greedy decode speed in new tokens per second (exactly `new_tokens` are generated)."""
-    batch = tokenizer(prompt, return_tensors="pt")
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+def token_nll(model, tokenizer, n_tokens: int = 4096, window: int = 512, text: str | None = None) -> torch.Tensor:
+    """Negative log-likelihood of each of `n_tokens` tokens of `text`, predicted in windows of `window`.
+
+    Window i feeds tokens [i*window, (i+1)*window] and scores the `window` tokens after its first,
+    so the windows do not overlap and every token is predicted with at most `window` tokens of
+    context. Taught in Lesson 7 (the capstone benchmark's perplexity and its standard error).
+    """
+    if n_tokens < window or n_tokens % window:
+        raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of window ({window})")
+    ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[0]
+    if ids.numel() < n_tokens + 1:
+        raise ValueError(f"the text has {ids.numel()} tokens; {n_tokens + 1} are needed")
+    losses = []
     with torch.no_grad():
-        model.generate(**batch, max_new_tokens=2, do_sample=False)  # warm-up
-        start = time.perf_counter()
-        model.generate(**batch, **kwargs)
-    return new_tokens / (time.perf_counter() - start)
+        for start in range(0, n_tokens, window):
+            chunk = ids[start : start + window + 1].unsqueeze(0)  # (1, window + 1)
+            logits = model(input_ids=chunk[:, :-1]).logits.float()[0]  # (window, vocab)
+            losses.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none"))
+    return torch.cat(losses)  # (n_tokens,)
+
+
+def perplexity_with_error(nll: torch.Tensor) -> tuple[float, float]:
+    """(perplexity, its standard error) from per-token NLLs: exp(mean), exp(mean) * std / sqrt(n)."""
+    if not torch.is_tensor(nll) or nll.dim() != 1 or nll.numel() < 2:
+        raise ValueError("perplexity_with_error needs a 1-D tensor of at least two per-token NLLs")
+    mean = nll.double().mean().item()
+    se = nll.double().std().item() / math.sqrt(nll.numel())
+    return math.exp(mean), math.exp(mean) * se  # delta method: d exp(m) = exp(m) dm
+
+
+def paired_nll_difference(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[float, float]:
+    """(mean of nll_a - nll_b, its standard error) over the same tokens: > 0 means b predicts better.
+
+    Both models are scored on the same tokens, so the per-token differences cancel what makes
+    some tokens hard for every model; their standard error is far smaller than either
+    perplexity's. Two methods are ranked only when the difference exceeds two standard errors.
+    """
+    if not torch.is_tensor(nll_a) or not torch.is_tensor(nll_b) or nll_a.shape != nll_b.shape or nll_a.dim() != 1:
+        raise ValueError("paired_nll_difference needs two 1-D tensors of NLLs of the same tokens")
+    diff = (nll_a.double() - nll_b.double())
+    return diff.mean().item(), diff.std().item() / math.sqrt(diff.numel())
 
 
 def peak_rss_mb() -> float:
@@ -646,6 +715,157 @@ def rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 1e6
+
+
+# ---------------------------------------------------------------------------
+# Timings and claims: one timing protocol, and prose checked on the CPU that runs it
+# ---------------------------------------------------------------------------
+
+TIMING_REPEATS = 3
+"""Timed rounds per comparison in the lessons (the benchmark uses more)."""
+
+
+def time_variants(variants: dict[str, Any], repeats: int = TIMING_REPEATS, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each zero-argument callable: `warmup` untimed rounds, then `repeats`
+    timed rounds, interleaved (every round calls every variant once, in order).
+
+    Interleaving spreads a slow moment of the machine over all variants instead of one, and
+    each round gives one paired ratio between two variants (see `speedup`). The course's one
+    timing protocol: every timing in the lessons and the benchmark goes through here.
+    """
+    if not variants or not all(callable(fn) for fn in variants.values()):
+        raise TypeError("time_variants expects a non-empty dict of name -> zero-argument callable")
+    for name, count in (("repeats", repeats), ("warmup", warmup)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < (1 if name == "repeats" else 0):
+            raise ValueError(f"{name} must be an int >= {1 if name == 'repeats' else 0}, got {count!r}")
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(warmup + repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            if round_index >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def speedup(times: dict[str, list[float]], variant: str, baseline: str) -> tuple[float, float, float]:
+    """(median, lowest, highest) over the rounds of baseline time / variant time (> 1: variant faster)."""
+    import statistics
+
+    for name in (variant, baseline):
+        if name not in times:
+            raise KeyError(f"no timings for {name!r}; measured: {sorted(times)}")
+    ratios = [b / v for b, v in zip(times[baseline], times[variant])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def speed_verdict(times: dict[str, list[float]], variant: str, baseline: str) -> str:
+    """'1.31x faster than fp32 (spread 1.25–1.40)', or 'about as fast as fp32' when rounds disagree.
+
+    The spread is the range of the per-round speed-ups. A direction is named only when every
+    round agrees on it; the format is what tests/nbval_sanitize.cfg blanks out.
+    """
+    mid, low, high = speedup(times, variant, baseline)
+    if low <= 1.0 <= high:
+        word = f"about as fast as {baseline}"
+    elif mid > 1:
+        word = f"{mid:.2f}x faster than {baseline}"
+    else:
+        word = f"{1 / mid:.2f}x slower than {baseline}"
+    return f"{word} (spread {low:.2f}–{high:.2f})"
+
+
+def format_rate(work: float, seconds: list[float], unit: str) -> str:
+    """'13.0 tokens/s (spread 12.5–13.3)': `work` units per median second, with the rounds' range."""
+    import statistics
+
+    rates = [work / s for s in seconds]
+    return f"{work / statistics.median(seconds):.1f} {unit} (spread {min(rates):.1f}–{max(rates):.1f})"
+
+
+def decode_timings(models: dict[str, nn.Module], tokenizer, prompt: str = "The history of", new_tokens: int = 32,
+                   repeats: int = TIMING_REPEATS) -> dict[str, list[float]]:
+    """Seconds to greedily generate exactly `new_tokens` tokens after `prompt`, per model (interleaved)."""
+    batch = tokenizer(prompt, return_tensors="pt")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    def run(model):
+        return lambda: model.generate(**batch, **kwargs)
+
+    with torch.no_grad():
+        return time_variants({name: run(model) for name, model in models.items()}, repeats=repeats)
+
+
+def print_decode_speeds(times: dict[str, list[float]], baseline: str, new_tokens: int = 32) -> None:
+    """One line per model: tokens/s with its spread, and the speed verdict against `baseline`."""
+    width = max(len(name) for name in times)
+    for name, seconds in times.items():
+        verdict = "" if name == baseline else f"  {speed_verdict(times, name, baseline)}"
+        print(f"decode {name:<{width}} {format_rate(new_tokens, seconds, 'tokens/s')}{verdict}")
+
+
+CLAIMS_LOG = "QUANT_COURSE_CLAIMS_LOG"
+"""If set to a file path, every `claim` appends a JSON line (text, value, bounds, CPU) to it."""
+
+
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels use here: 'AVX512', 'AVX2', 'DEFAULT', ..."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def claim(text: str, value: Any, low: float | None = None, high: float | None = None) -> None:
+    """Check one statement of the lesson on this machine and print it; raise if it does not hold.
+
+    Numbers that depend on the CPU's kernels (anything computed in bf16/fp16, with int8 or
+    4-bit kernels, perplexities, generated text) are not compared as text by the tests; the
+    lesson asserts what its prose says about them instead. Without bounds `value` must be
+    true; with them, low <= value <= high (tolerances measured on two instruction sets,
+    see CONTRIBUTING.md). The printed line is the same on every machine.
+    """
+    if not isinstance(text, str) or not text:
+        raise TypeError("claim needs the statement as a non-empty str")
+    bounded = low is not None or high is not None
+    if bounded:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"claim {text!r}: a bounded claim needs a number, got {value!r}")
+        holds = math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)
+    else:
+        holds = bool(value)
+    log_path = os.environ.get(CLAIMS_LOG)
+    if log_path:
+        record = {"claim": text, "value": value if bounded else bool(value), "low": low, "high": high,
+                  "holds": holds, "cpu": cpu_capability()}
+        with open(log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+    if not holds:
+        bounds = f", expected between {low} and {high}" if bounded else ""
+        raise AssertionError(f"The lesson says: {text}. On this machine ({cpu_capability()} kernels) the "
+                             f"measured value is {value!r}{bounds}. Please report it with your CPU model.")
+    print(f"✓ {text}")
+
+
+def check_versions(requirements: Path | None = None) -> None:
+    """Claim that every library the course pins or ranges in requirements.txt is installed within it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    path = requirements or REPO_DIR / "requirements.txt"
+    outside = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        try:
+            installed = version(req.name)
+        except PackageNotFoundError:
+            outside.append(f"{req.name} (not installed)")
+            continue
+        if installed not in req.specifier:
+            outside.append(f"{req.name} {installed} (tested: {req.specifier})")
+    claim("every library is installed within the range the course was tested with"
+          + (f"; outside: {', '.join(outside)}" if outside else ""), not outside)
 
 
 # ---------------------------------------------------------------------------
@@ -1031,3 +1251,40 @@ def malloc_trim() -> bool:
     except OSError:  # not glibc (e.g. musl): nothing to trim this way
         return False
     return bool(libc.malloc_trim(0))
+
+
+# ---------------------------------------------------------------------------
+# Lesson 7: the capstone benchmark's results
+# ---------------------------------------------------------------------------
+
+BENCHMARK_DIR = REPO_DIR / "benchmarks" / "results"
+BENCHMARK_COLUMNS = {
+    "method": str, "library": str, "bytes": int, "reported_bytes": int, "ratio_to_fp32": float,
+    "perplexity": float, "perplexity_se": float, "decode_tokens_per_s": float,
+    "decode_tokens_per_s_low": float, "decode_tokens_per_s_high": float,
+    "load_quantize_s": float, "peak_rss_mb": float,
+}
+"""The benchmark CSV's columns and their types: written by benchmarks/compare_methods.py, read here."""
+
+
+def read_benchmark(path: Path | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """(the machine line, rows with typed values) of a benchmark CSV (default: the committed one)."""
+    import csv
+
+    path = Path(path) if path is not None else BENCHMARK_DIR / "smollm2_cpu.csv"
+    lines = path.read_text().splitlines()
+    if not lines or not lines[0].startswith("# "):
+        raise ValueError(f"{path} does not start with the '# ...' line naming the machine")
+    rows = list(csv.DictReader(lines[1:]))
+    if not rows or list(rows[0]) != list(BENCHMARK_COLUMNS):
+        raise ValueError(f"{path} does not have the columns {list(BENCHMARK_COLUMNS)}: regenerate it")
+    return lines[0][2:], [{k: BENCHMARK_COLUMNS[k](v) for k, v in row.items()} for row in rows]
+
+
+def read_benchmark_nll(path: Path | None = None) -> dict[str, torch.Tensor]:
+    """Per-token NLLs of every benchmarked method (for paired comparisons), from the committed .npz."""
+    import numpy as np
+
+    path = Path(path) if path is not None else BENCHMARK_DIR / "smollm2_cpu_nll.npz"
+    with np.load(path, allow_pickle=False) as data:
+        return {name: torch.from_numpy(data[name].astype("float64")) for name in data.files}
