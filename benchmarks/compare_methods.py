@@ -1,7 +1,10 @@
 """Compare every quantization method of the course on SmolLM2-135M-Instruct, on this machine.
 
 For each method the script loads the model once, quantizes it, and measures the bytes really held
-(helper.model_size), the ratio to fp32, perplexity on helper.eval_text(), greedy decode speed, the
+(helper.model_size), the ratio to fp32, perplexity on 4,096 tokens of helper.eval_text() in windows
+of 512 with its standard error (helper.token_nll; the per-token NLLs go to smollm2_cpu_nll.npz so
+that two methods can be compared token by token), greedy decode speed by the course's timing
+protocol (helper.decode_timings: a warm-up, then --repeats rounds; median and range), the
 load+quantize time and the process's peak resident memory. Every method runs in a fresh
 subprocess (this script re-invoked with --method NAME --json) so that peak RSS is per method.
 
@@ -23,6 +26,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import platform
 import subprocess
 import sys
@@ -39,14 +43,13 @@ import helper  # noqa: E402  (sets the torchao loggers before torchao is importe
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-RESULTS_DIR = REPO / "benchmarks" / "results"
+RESULTS_DIR = helper.BENCHMARK_DIR
 CSV_NAME = "smollm2_cpu.csv"
 MD_NAME = "smollm2_cpu.md"
+NLL_NAME = "smollm2_cpu_nll.npz"
 REGENERATE = "python benchmarks/compare_methods.py"
-COLUMNS = [
-    "method", "library", "bytes", "reported_bytes", "ratio_to_fp32", "perplexity",
-    "decode_tokens_per_s", "load_quantize_s", "peak_rss_mb",
-]
+COLUMNS = list(helper.BENCHMARK_COLUMNS)
+METHOD_TIMEOUT_S = 1800
 SKIP = "lm_head"  # tied to the embedding: kept in full precision by every method
 
 
@@ -129,7 +132,7 @@ METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
 # ---------------------------------------------------------------------------
 
 
-def measure(method: str, folder: Path, max_tokens: int, new_tokens: int) -> dict:
+def measure(method: str, folder: Path, args: argparse.Namespace) -> dict:
     """Load+quantize one method and measure it; runs in a fresh process (peak RSS is per method)."""
     from transformers import AutoTokenizer
 
@@ -138,14 +141,23 @@ def measure(method: str, folder: Path, max_tokens: int, new_tokens: int) -> dict
     start = time.perf_counter()
     model = loader(folder)
     load_s = time.perf_counter() - start
+    nll = helper.token_nll(model, tokenizer, n_tokens=args.ppl_tokens, window=args.window)
+    ppl, ppl_se = helper.perplexity_with_error(nll)
+    seconds = helper.decode_timings({method: model}, tokenizer, new_tokens=args.new_tokens,
+                                    repeats=args.repeats)[method]
+    rates = sorted(args.new_tokens / s for s in seconds)
     row = {
         "method": method,
         "library": library,
         "bytes": helper.model_size(model),
         "reported_bytes": model.get_memory_footprint(),
-        "perplexity": helper.perplexity(model, tokenizer, max_tokens=max_tokens),
-        "decode_tokens_per_s": helper.decode_tokens_per_s(model, tokenizer, new_tokens=new_tokens),
+        "perplexity": ppl,
+        "perplexity_se": ppl_se,
+        "decode_tokens_per_s": args.new_tokens / statistics.median(seconds),
+        "decode_tokens_per_s_low": rates[0],
+        "decode_tokens_per_s_high": rates[-1],
         "load_quantize_s": load_s,
+        "nll": [round(v, 5) for v in nll.tolist()],
     }
     del model
     gc.collect()
@@ -154,14 +166,26 @@ def measure(method: str, folder: Path, max_tokens: int, new_tokens: int) -> dict
 
 
 def run_isolated(method: str, folder: Path, args: argparse.Namespace) -> dict:
-    """Run `measure` for one method in a fresh Python process and return its row."""
+    """Run `measure` for one method in a fresh Python process and return its row.
+
+    Raises RuntimeError, whatever went wrong: a crash, a time-out, or output that is not a row.
+    """
     cmd = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--json",
-           "--model-dir", str(folder), "--max-tokens", str(args.max_tokens),
-           "--new-tokens", str(args.new_tokens)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--model-dir", str(folder), "--ppl-tokens", str(args.ppl_tokens), "--window", str(args.window),
+           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=METHOD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"method {method!r} did not finish within {METHOD_TIMEOUT_S} s") from error
     if proc.returncode != 0:
         raise RuntimeError(f"method {method!r} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError) as error:
+        raise RuntimeError(f"method {method!r} printed no result row:\n{proc.stdout[-1000:]}") from error
+    if not isinstance(row, dict) or set(row) != set(COLUMNS) - {"ratio_to_fp32"} | {"nll"}:
+        raise RuntimeError(f"method {method!r} returned an unexpected row: {str(row)[:300]}")
+    return row
 
 
 # ---------------------------------------------------------------------------
@@ -212,7 +236,8 @@ def simd_flags() -> str:
 def machine_line(model_name: str, load_avg: float) -> str:
     """One line saying what was measured, where, when, and how to regenerate it."""
     today = dt.datetime.now(dt.timezone.utc).date().isoformat()
-    return (f"{model_name} on {cpu_model()} ({simd_flags()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+    return (f"{model_name} on {cpu_model()} ({simd_flags()}; torch kernels {helper.cpu_capability()}), "
+            f"{os.cpu_count()} cores, torch {torch.__version__}, "
             f"{today}, 1-min load average {load_avg:.1f} at start; regenerate: {REGENERATE}")
 
 
@@ -224,10 +249,8 @@ def machine_line(model_name: str, load_avg: float) -> str:
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Fill ratio_to_fp32 (bytes / fp32 bytes) in every row; needs the fp32 row."""
     base = next((r["bytes"] for r in rows if r["method"] == "fp32"), None)
-    if base is None:
-        raise ValueError("the fp32 row is missing: it is the baseline of ratio_to_fp32")
-    for row in rows:
-        row["ratio_to_fp32"] = row["bytes"] / base
+    for row in rows:  # without the fp32 row (it failed) the ratios are unknown, not wrong
+        row["ratio_to_fp32"] = row["bytes"] / base if base else math.nan
     return rows
 
 
@@ -238,25 +261,35 @@ def write_csv(rows: list[dict], header: str, path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow({k: (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in COLUMNS})
+
+
+def write_nll(rows: list[dict], path: Path) -> None:
+    """The per-token NLLs of every method, one float32 array per method name (numpy .npz)."""
+    import numpy as np
+
+    np.savez_compressed(path, **{r["method"]: np.asarray(r["nll"], dtype=np.float32) for r in rows})
 
 
 def write_markdown(rows: list[dict], header: str, path: Path) -> None:
     """A markdown table of the same rows, under a line naming the machine."""
     lines = [
         f"Measured: {header}", "",
-        "| method | library | bytes held (MB) | ratio to fp32 | perplexity | decode tokens/s "
+        "| method | library | bytes held (MB) | ratio to fp32 | perplexity ± SE | decode tokens/s (range) "
         "| load+quantize s | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['library']} | {r['bytes'] / 1e6:.1f} | {r['ratio_to_fp32']:.3f} "
-            f"| {r['perplexity']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['load_quantize_s']:.1f} "
-            f"| {r['peak_rss_mb']:.0f} |"
+            f"| {r['perplexity']:.2f} ± {r['perplexity_se']:.2f} | {r['decode_tokens_per_s']:.1f} "
+            f"({r['decode_tokens_per_s_low']:.1f}–{r['decode_tokens_per_s_high']:.1f}) "
+            f"| {r['load_quantize_s']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
     lines += ["", "Bytes held are counted by helper.model_size (integer data plus scales); "
-              "lm_head (tied to the embedding) stays in full precision in every method."]
+              "lm_head (tied to the embedding) stays in full precision in every method. Perplexity: "
+              "4,096 tokens of helper.eval_text() in windows of 512, ± its standard error (per-token "
+              "NLLs in smollm2_cpu_nll.npz). Decode: median of the timed rounds, (fastest–slowest)."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -269,23 +302,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         help="subset of methods (fp32 is always added: it is the ratio's baseline)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="tokens of eval_text for perplexity")
+    parser.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of eval_text scored for perplexity")
+    parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window (context)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated for decode speed")
+    parser.add_argument("--repeats", type=int, default=5, help="timed decode rounds after one warm-up")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the CSV and markdown")
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2 (fast; tests)")
     parser.add_argument("--method", choices=list(METHODS), help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.max_tokens < 2 or args.new_tokens < 1:
-        parser.error("--max-tokens must be >= 2 and --new-tokens >= 1")
+    if args.window < 2 or args.ppl_tokens < args.window or args.ppl_tokens % args.window:
+        parser.error("--ppl-tokens must be a positive multiple of --window (>= 2)")
+    if args.new_tokens < 1 or args.repeats < 1:
+        parser.error("--new-tokens and --repeats must be >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.method:  # child: one method, one JSON line on stdout
-        row = measure(args.method, args.model_dir or helper.smollm2_dir(), args.max_tokens, args.new_tokens)
+        row = measure(args.method, args.model_dir or helper.smollm2_dir(), args)
         if args.json:
             print(json.dumps(row))
         else:
@@ -311,9 +348,10 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(method)
                 tqdm.write(str(error), file=sys.stderr)
     header = machine_line(name, load_avg)
-    add_ratios(rows)
+    add_ratios(rows)  # written even when a method failed: the others' results stay usable
     write_csv(rows, header, args.out / CSV_NAME)
     write_markdown(rows, header, args.out / MD_NAME)
+    write_nll(rows, args.out / NLL_NAME)
     print(f"{len(rows)} methods in {time.perf_counter() - start:.0f} s -> {args.out / CSV_NAME}")
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import subprocess
@@ -13,17 +12,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "compare_methods.py"
-COLUMNS = [
-    "method", "library", "bytes", "reported_bytes", "ratio_to_fp32", "perplexity",
-    "decode_tokens_per_s", "load_quantize_s", "peak_rss_mb",
-]
+import helper
 
 
 def read_results(path: Path) -> tuple[str, list[dict]]:
-    """(the '# ...' machine line, rows) of a results CSV."""
-    lines = path.read_text().splitlines()
-    assert lines[0].startswith("# "), "the CSV starts with a comment line naming the machine"
-    return lines[0], list(csv.DictReader(lines[1:]))
+    """(the machine line, typed rows) of a results CSV, read as the capstone notebook reads it."""
+    return helper.read_benchmark(path)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """Run the script once with --tiny on three cheap methods (bf16 listed before fp32 on purpose)."""
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--methods", "bf16", "w8a16-scratch",
-           "--max-tokens", "32", "--new-tokens", "2", "--out", str(out)]
+           "--ppl-tokens", "64", "--window", "32", "--new-tokens", "2", "--repeats", "2", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,7 +35,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_csv_columns_and_methods(tiny_run):
     out, _ = tiny_run
     header, rows = read_results(out / "smollm2_cpu.csv")
-    assert list(rows[0]) == COLUMNS
+    assert list(rows[0]) == list(helper.BENCHMARK_COLUMNS)
     # fp32 is added (it is the ratio's baseline) and comes first; no method is repeated
     assert [r["method"] for r in rows] == ["fp32", "bf16", "w8a16-scratch"]
     assert "tiny random Llama" in header and "cores" in header and "torch " in header
@@ -50,7 +44,7 @@ def test_csv_columns_and_methods(tiny_run):
 def test_sizes_and_ratios_are_consistent(tiny_run):
     out, _ = tiny_run
     rows = {r["method"]: r for r in read_results(out / "smollm2_cpu.csv")[1]}
-    size = {m: int(r["bytes"]) for m, r in rows.items()}
+    size = {m: r["bytes"] for m, r in rows.items()}
     assert size["w8a16-scratch"] < size["bf16"] < size["fp32"]
     assert float(rows["fp32"]["ratio_to_fp32"]) == 1.0
     assert size["bf16"] * 2 == pytest.approx(size["fp32"], rel=1e-4)  # every tensor halves (buffers too)
@@ -62,11 +56,16 @@ def test_sizes_and_ratios_are_consistent(tiny_run):
 
 def test_measurements_are_finite(tiny_run):
     out, _ = tiny_run
+    nll = helper.read_benchmark_nll(out / "smollm2_cpu_nll.npz")
     for row in read_results(out / "smollm2_cpu.csv")[1]:
-        ppl = float(row["perplexity"])
+        ppl = row["perplexity"]
         assert math.isfinite(ppl) and ppl > 1, row
+        assert 0 < row["perplexity_se"] < ppl, row
+        assert nll[row["method"]].shape == (64,)  # --ppl-tokens scored tokens
+        assert ppl == pytest.approx(math.exp(nll[row["method"]].mean().item()), rel=1e-4)
+        assert row["decode_tokens_per_s_low"] <= row["decode_tokens_per_s"] <= row["decode_tokens_per_s_high"]
         for column in ("decode_tokens_per_s", "load_quantize_s", "peak_rss_mb"):
-            assert float(row[column]) > 0, (column, row)
+            assert row[column] > 0, (column, row)
 
 
 def test_markdown_table_matches_csv(tiny_run):
