@@ -398,28 +398,7 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-# Lesson 2 additions
-
-
-def matmul_seconds(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
-    """Best wall time in seconds of one (n x n) @ (n x n) matmul in `dtype`, after a warm-up."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"matmul_seconds needs a positive int size n, got {n!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"matmul_seconds needs a floating torch.dtype, got {dtype!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=generator).to(dtype)
-    b = torch.randn(n, n, generator=generator).to(dtype)
-    with torch.no_grad():
-        a @ b  # warm-up: the first call selects and prepares the kernel
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - start)
-    return best
+# Lesson 2: peak memory of a fresh process (section 5)
 
 
 # Printed by the child of fresh_process_peak_mb (peak_rss_mb reads the child's own VmHWM).
@@ -1261,7 +1240,7 @@ BENCHMARK_DIR = REPO_DIR / "benchmarks" / "results"
 BENCHMARK_COLUMNS = {
     "method": str, "library": str, "bytes": int, "reported_bytes": int, "ratio_to_fp32": float,
     "perplexity": float, "perplexity_se": float, "decode_tokens_per_s": float,
-    "decode_tokens_per_s_low": float, "decode_tokens_per_s_high": float,
+    "decode_speedup": float, "decode_speedup_low": float, "decode_speedup_high": float,
     "load_quantize_s": float, "peak_rss_mb": float,
 }
 """The benchmark CSV's columns and their types: written by benchmarks/compare_methods.py, read here."""

@@ -4,8 +4,10 @@ For each method the script loads the model once, quantizes it, and measures the 
 (helper.model_size), the ratio to fp32, perplexity on 4,096 tokens of helper.eval_text() in windows
 of 512 with its standard error (helper.token_nll; the per-token NLLs go to smollm2_cpu_nll.npz so
 that two methods can be compared token by token), greedy decode speed by the course's timing
-protocol (helper.decode_timings: a warm-up, then --repeats rounds; median and range), the
-load+quantize time and the process's peak resident memory. Every method runs in a fresh
+protocol (helper.decode_timings: a warm-up, then --repeats rounds interleaved with an fp32 copy of
+the model in the same process; the median tokens/s and the median and range of the per-round
+speed-ups over fp32, exactly what the lessons print), the load+quantize time and the process's
+peak resident memory (taken before the fp32 copy is loaded). Every method runs in a fresh
 subprocess (this script re-invoked with --method NAME --json) so that peak RSS is per method.
 
 Usage:
@@ -141,28 +143,40 @@ def measure(method: str, folder: Path, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     model = loader(folder)
     load_s = time.perf_counter() - start
+    # sizes first: at their first forward pass bitsandbytes layers reorganise what they hold
+    # (Linear8bitLt moves its row scales out of the weight; on AVX512-BF16 CPUs Linear4bit
+    # repacks its weight and casts absmax to bf16), Lesson 6 shows it
+    held, reported = helper.model_size(model), model.get_memory_footprint()
     nll = helper.token_nll(model, tokenizer, n_tokens=args.ppl_tokens, window=args.window)
     ppl, ppl_se = helper.perplexity_with_error(nll)
-    seconds = helper.decode_timings({method: model}, tokenizer, new_tokens=args.new_tokens,
-                                    repeats=args.repeats)[method]
-    rates = sorted(args.new_tokens / s for s in seconds)
+    peak_mb = helper.peak_rss_mb()  # this method's own peak: before the fp32 reference is loaded
+    # decode speed by the lessons' protocol: interleaved rounds against an fp32 copy in this process
+    models = {method: model} if method == "fp32" else {"fp32": loader_fp32(folder), method: model}
+    times = helper.decode_timings(models, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats)
+    speedup = (1.0, 1.0, 1.0) if method == "fp32" else helper.speedup(times, method, "fp32")
     row = {
         "method": method,
         "library": library,
-        "bytes": helper.model_size(model),
-        "reported_bytes": model.get_memory_footprint(),
+        "bytes": held,
+        "reported_bytes": reported,
         "perplexity": ppl,
         "perplexity_se": ppl_se,
-        "decode_tokens_per_s": args.new_tokens / statistics.median(seconds),
-        "decode_tokens_per_s_low": rates[0],
-        "decode_tokens_per_s_high": rates[-1],
+        "decode_tokens_per_s": args.new_tokens / statistics.median(times[method]),
+        "decode_speedup": speedup[0],
+        "decode_speedup_low": speedup[1],
+        "decode_speedup_high": speedup[2],
         "load_quantize_s": load_s,
+        "peak_rss_mb": peak_mb,
         "nll": [round(v, 5) for v in nll.tolist()],
     }
-    del model
+    del model, models
     gc.collect()
-    row["peak_rss_mb"] = helper.peak_rss_mb()
     return row
+
+
+def loader_fp32(folder: Path) -> nn.Module:
+    """The fp32 reference every method's decode rounds are interleaved with."""
+    return METHODS["fp32"][1](folder)
 
 
 def run_isolated(method: str, folder: Path, args: argparse.Namespace) -> dict:
@@ -275,21 +289,23 @@ def write_markdown(rows: list[dict], header: str, path: Path) -> None:
     """A markdown table of the same rows, under a line naming the machine."""
     lines = [
         f"Measured: {header}", "",
-        "| method | library | bytes held (MB) | ratio to fp32 | perplexity ± SE | decode tokens/s (range) "
+        "| method | library | bytes held (MB) | ratio to fp32 | perplexity ± SE | decode tokens/s "
+        "| decode speed-up vs fp32 (range) "
         "| load+quantize s | peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['library']} | {r['bytes'] / 1e6:.1f} | {r['ratio_to_fp32']:.3f} "
             f"| {r['perplexity']:.2f} ± {r['perplexity_se']:.2f} | {r['decode_tokens_per_s']:.1f} "
-            f"({r['decode_tokens_per_s_low']:.1f}–{r['decode_tokens_per_s_high']:.1f}) "
+            f"| {r['decode_speedup']:.2f} ({r['decode_speedup_low']:.2f}–{r['decode_speedup_high']:.2f}) "
             f"| {r['load_quantize_s']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
     lines += ["", "Bytes held are counted by helper.model_size (integer data plus scales); "
               "lm_head (tied to the embedding) stays in full precision in every method. Perplexity: "
               "4,096 tokens of helper.eval_text() in windows of 512, ± its standard error (per-token "
-              "NLLs in smollm2_cpu_nll.npz). Decode: median of the timed rounds, (fastest–slowest)."]
+              "NLLs in smollm2_cpu_nll.npz). Decode: median tokens/s of the timed rounds; speed-up: median "
+              "(lowest–highest) of the per-round ratios against an fp32 copy timed in the same process."]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -67,32 +67,6 @@ def test_default_dtype_restores_when_the_block_raises():
     assert torch.get_default_dtype() == before
 
 
-# --- matmul_seconds ----------------------------------------------------------------------
-
-
-def test_matmul_seconds_is_a_small_positive_time():
-    seconds = helper.matmul_seconds(16, torch.bfloat16, repeats=2)
-    assert isinstance(seconds, float)
-    assert 0 < seconds < 1
-
-
-@pytest.mark.parametrize("n", [0, -3, 2.5, True])
-def test_matmul_seconds_rejects_bad_sizes(n):
-    with pytest.raises(ValueError, match="positive int"):
-        helper.matmul_seconds(n, torch.float32)
-
-
-@pytest.mark.parametrize("dtype", [torch.int8, "float32"])
-def test_matmul_seconds_rejects_non_floating_dtypes(dtype):
-    with pytest.raises(TypeError, match="floating"):
-        helper.matmul_seconds(8, dtype)
-
-
-def test_matmul_seconds_rejects_zero_repeats():
-    with pytest.raises(ValueError, match="repeats"):
-        helper.matmul_seconds(8, torch.float32, repeats=0)
-
-
 # --- fresh_process_peak_mb ---------------------------------------------------------------
 
 

@@ -1,0 +1,65 @@
+"""The speed ratios stored in the lessons agree with the capstone's committed table.
+
+Both come from the course's one timing protocol (helper.decode_timings: 32 new tokens after
+"The history of", a warm-up, interleaved rounds). A lesson prints each model's speed-up over fp32
+with the range of its per-round speed-ups; the capstone's table gives the same for each method,
+timed against an fp32 copy in the method's own process. The two agree when the ranges overlap. Stored
+outputs are regenerated on an idle machine (CONTRIBUTING.md), so this holds for what a learner
+reads in the repository; it says nothing about a learner's own machine.
+"""
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import helper
+
+NOTEBOOKS = Path(helper.REPO_DIR) / "notebooks"
+# lesson notebook -> {name printed by helper.print_decode_speeds: method in the capstone table}
+LESSON_METHODS = {
+    "02_loading_models_in_dtypes": {"bf16": "bf16", "fp16": "fp16"},
+    "03_linear_quantization_from_scratch": {"W8A16": "w8a16-scratch"},
+    "04_quantization_with_quanto": {"int8": "quanto-int8"},
+    "05_dynamic_quantization": {"torch.ao dynamic": "torch.ao-dynamic-int8", "torchao dynamic": "torchao-int8-dynamic",
+                                "torchao weight-only": "torchao-int8-weight-only"},
+    "06_bitsandbytes": {"bnb 8-bit": "bnb-int8", "NF4": "bnb-nf4"},
+}
+LINE = re.compile(
+    r"^decode (?P<name>.+?)\s+[\d.]+ tokens/s \(spread [\d.]+–[\d.]+\)\s+"
+    r"(?:[\d.]+x (?:faster|slower) than|about as fast as) fp32 \(spread (?P<low>[\d.]+)–(?P<high>[\d.]+)\)$",
+    re.M,
+)
+
+
+def stored_speedups(stem: str) -> dict[str, tuple[float, float]]:
+    """{model name: (lowest, highest) per-round speed-up over fp32} from a lesson's stored outputs."""
+    text = ""
+    for cell in nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4).cells:
+        for output in cell.get("outputs", []):
+            text += output.get("text", "")
+    return {m["name"]: (float(m["low"]), float(m["high"])) for m in LINE.finditer(text)}
+
+
+def table_range(method: str, rows: dict) -> tuple[float, float]:
+    """(lowest, highest) per-round speed-up of a method over fp32 in the capstone's table."""
+    return rows[method]["decode_speedup_low"], rows[method]["decode_speedup_high"]
+
+
+@pytest.mark.parametrize("stem", sorted(LESSON_METHODS))
+def test_lesson_speedups_agree_with_the_capstone(stem):
+    rows = {r["method"]: r for r in helper.read_benchmark()[1]}
+    stored = stored_speedups(stem)
+    for name, method in LESSON_METHODS[stem].items():
+        assert name in stored, f"{stem} stores no decode speed for {name!r} (found {sorted(stored)})"
+        low, high = stored[name]
+        t_low, t_high = table_range(method, rows)
+        assert low <= t_high and t_low <= high, (
+            f"{stem}: {name} speed-up over fp32 {low:.2f}–{high:.2f}, capstone {method} {t_low:.2f}–{t_high:.2f}")
+
+
+def test_the_parser_reads_what_print_decode_speeds_prints(capsys):
+    helper.print_decode_speeds({"fp32": [2.0, 2.0, 2.0], "bf16": [1.0, 1.1, 0.9]}, "fp32")
+    parsed = {m["name"]: (float(m["low"]), float(m["high"])) for m in LINE.finditer(capsys.readouterr().out)}
+    assert parsed == {"bf16": (1.82, 2.22)}
