@@ -669,8 +669,9 @@ def paired_nll_difference(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[flo
     some tokens hard for every model; their standard error is far smaller than either
     perplexity's. Two methods are ranked only when the difference exceeds two standard errors.
     """
-    if not torch.is_tensor(nll_a) or not torch.is_tensor(nll_b) or nll_a.shape != nll_b.shape or nll_a.dim() != 1:
-        raise ValueError("paired_nll_difference needs two 1-D tensors of NLLs of the same tokens")
+    if (not torch.is_tensor(nll_a) or not torch.is_tensor(nll_b) or nll_a.shape != nll_b.shape
+            or nll_a.dim() != 1 or nll_a.numel() < 2):
+        raise ValueError("paired_nll_difference needs two 1-D tensors of NLLs of the same (at least two) tokens")
     diff = (nll_a.double() - nll_b.double())
     return diff.mean().item(), diff.std().item() / math.sqrt(diff.numel())
 
@@ -734,6 +735,8 @@ def speedup(times: dict[str, list[float]], variant: str, baseline: str) -> tuple
     for name in (variant, baseline):
         if name not in times:
             raise KeyError(f"no timings for {name!r}; measured: {sorted(times)}")
+    if not times[variant] or len(times[variant]) != len(times[baseline]):
+        raise ValueError(f"{variant!r} and {baseline!r} need the same, non-zero number of timed rounds")
     ratios = [b / v for b, v in zip(times[baseline], times[variant])]
     return statistics.median(ratios), min(ratios), max(ratios)
 
