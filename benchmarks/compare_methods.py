@@ -86,7 +86,7 @@ def _torch_ao_dynamic(folder: Path) -> nn.Module:
     model = _load(folder)
     qconfig = torch.ao.quantization.default_dynamic_qconfig
     spec = {name: qconfig for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != SKIP}
-    with warnings.catch_warnings():  # the API is deprecated (lesson 5 shows the warning)
+    with warnings.catch_warnings():  # the API is deprecated (lesson 6 shows the warning)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated")
         return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
@@ -145,7 +145,7 @@ def measure(method: str, folder: Path, args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - start
     # sizes first: at their first forward pass bitsandbytes layers reorganise what they hold
     # (Linear8bitLt moves its row scales out of the weight; on AVX512-BF16 CPUs Linear4bit
-    # repacks its weight and casts absmax to bf16), Lesson 6 shows it
+    # repacks its weight and casts absmax to bf16), Lesson 7 shows it
     held, reported = helper.model_size(model), model.get_memory_footprint()
     nll = helper.token_nll(model, tokenizer, n_tokens=args.ppl_tokens, window=args.window)
     ppl, ppl_se = helper.perplexity_with_error(nll)

@@ -1,4 +1,4 @@
-"""Perplexity with a standard error, paired comparisons, and the benchmark reader (Lesson 7)."""
+"""Perplexity with a standard error, paired comparisons, and the benchmark reader (Lesson 8)."""
 
 import math
 

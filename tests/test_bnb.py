@@ -1,4 +1,4 @@
-"""Lesson 6: bitsandbytes sizes, counted by hand, and the transformers 5 loading API."""
+"""Lesson 7: bitsandbytes sizes, counted by hand, and the transformers 5 loading API."""
 
 import logging
 import math

@@ -1,4 +1,4 @@
-"""Unit tests for the Lesson 5 helpers (dynamic quantization): tiny models, hand-computed values."""
+"""Unit tests for the Lesson 6 helpers (dynamic quantization): tiny models, hand-computed values."""
 
 import copy
 import warnings

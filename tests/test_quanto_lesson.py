@@ -1,4 +1,4 @@
-"""Tests for Lesson 4 (optimum-quanto): real sizes of quanto-quantized layers and models."""
+"""Tests for Lesson 5 (optimum-quanto): real sizes of quanto-quantized layers and models."""
 
 import pytest
 import torch

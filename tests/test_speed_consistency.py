@@ -21,10 +21,10 @@ NOTEBOOKS = Path(helper.REPO_DIR) / "notebooks"
 LESSON_METHODS = {
     "02_loading_models_in_dtypes": {"bf16": "bf16", "fp16": "fp16"},
     "03_linear_quantization_from_scratch": {"W8A16": "w8a16-scratch"},
-    "04_quantization_with_quanto": {"int8": "quanto-int8"},
-    "05_dynamic_quantization": {"torch.ao dynamic": "torch.ao-dynamic-int8", "torchao dynamic": "torchao-int8-dynamic",
+    "05_quantization_with_quanto": {"int8": "quanto-int8"},
+    "06_dynamic_quantization": {"torch.ao dynamic": "torch.ao-dynamic-int8", "torchao dynamic": "torchao-int8-dynamic",
                                 "torchao weight-only": "torchao-int8-weight-only"},
-    "06_bitsandbytes": {"bnb 8-bit": "bnb-int8", "NF4": "bnb-nf4"},
+    "07_bitsandbytes": {"bnb 8-bit": "bnb-int8", "NF4": "bnb-nf4"},
 }
 LINE = re.compile(
     r"^decode (?P<name>.+?)\s+[\d.]+ tokens/s \(spread [\d.]+–[\d.]+\)\s+"

@@ -1,0 +1,156 @@
+"""Lesson 4 (GGUF): the from-scratch block formats against gguf-py, bit for bit, and their errors."""
+
+import numpy as np
+import pytest
+import torch
+
+import helper
+
+gguf = pytest.importorskip("gguf")
+T = gguf.GGMLQuantizationType
+
+
+def hand_made_rows() -> torch.Tensor:
+    """Blocks that exercise the edge cases: zeros, a constant, exact halves, negative extremes, ties."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 128, generator=g) * torch.rand(16, 1, generator=g) * 3
+    x[0, :32] = 0.0  # scale 0: every code must still be defined
+    x[1, :32] = 2.5  # constant block
+    x[2, :32] = torch.arange(32) - 16.0  # integers: x / d lands on exact halves
+    x[3, :32] = torch.linspace(-1, 1, 32)
+    x[3, 7] = -4.0  # the largest magnitude is negative (Q4_0 keeps its sign)
+    x[4, :32] = torch.tensor([1.0, -1.0] * 16)  # a tie between +max and -max
+    x[5, :32] = 1e-6 * torch.arange(32)  # scale below fp16's normal range
+    return x
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint32)
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1"])
+def test_quantize_matches_gguf_py_byte_for_byte(fmt):
+    x = hand_made_rows()
+    mine = helper.gguf_quantize(x, fmt).numpy()
+    ref = gguf.quants.quantize(x.numpy(), T[fmt])
+    assert mine.shape == ref.shape and mine.dtype == ref.dtype == np.uint8
+    assert np.array_equal(mine, ref)
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q4_K"])
+def test_dequantize_matches_gguf_py_bit_for_bit_on_every_byte_pattern(fmt):
+    f = helper.GGUF_FORMATS[fmt]
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randint(0, 256, (64, f.type_size), dtype=torch.uint8, generator=g)
+    raw[:, 0:2] = torch.tensor([0x00, 0x3C], dtype=torch.uint8)  # fp16 1.0: random scale bytes could be inf/nan
+    if fmt in ("Q4_1", "Q4_K"):
+        raw[:, 2:4] = torch.tensor([0x66, 0x2E], dtype=torch.uint8)  # fp16 0.1
+    mine = helper.gguf_dequantize(raw, fmt).numpy()
+    ref = gguf.quants.dequantize(raw.numpy(), T[fmt])
+    assert mine.shape == ref.shape == (64, f.block_size)
+    assert np.array_equal(bits(mine), bits(ref))
+
+
+def test_one_q4_1_block_decoded_by_hand():
+    # d = 0.5 (fp16 0x3800), m = -1.0 (fp16 0xBC00); byte j = code j | code (j + 16) << 4
+    codes = list(range(16)) + [15 - i for i in range(16)]
+    qs = [codes[j] | (codes[j + 16] << 4) for j in range(16)]
+    block = torch.tensor([[0x00, 0x38, 0x00, 0xBC] + qs], dtype=torch.uint8)
+    w = helper.gguf_dequantize(block, "Q4_1")[0]
+    assert w.tolist() == [0.5 * c - 1.0 for c in codes]
+
+
+def test_q4_0_block_decoded_by_hand():
+    block = torch.tensor([[0x00, 0x40] + [0x8F] * 16], dtype=torch.uint8)  # d = 2.0; low 15, high 8
+    assert helper.gguf_dequantize(block, "Q4_0")[0].tolist() == [14.0] * 16 + [0.0] * 16
+
+
+def test_bits_per_weight_from_the_block_layout():
+    bpw = {k: f.bits_per_weight for k, f in helper.GGUF_FORMATS.items()}
+    assert bpw == {"Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K": 4.5}
+
+
+def test_round_half_away_from_zero_is_c_roundf():
+    x = torch.tensor([2.5, -2.5, 0.5, -0.5, 1.49999988, 0.49999997, 3.0])
+    assert helper.round_half_away_from_zero(x).tolist() == [3.0, -3.0, 1.0, -1.0, 1.0, 0.0, 3.0]
+
+
+def test_minmax_rtn_at_32_is_q4_1_and_larger_groups_lose():
+    x = hand_made_rows()
+    q4_1 = helper.gguf_dequantize(helper.gguf_quantize(x, "Q4_1"), "Q4_1")
+    assert torch.equal(helper.blockwise_minmax_rtn(x, 32), q4_1)
+    err = {g: (helper.blockwise_minmax_rtn(x, g) - x).pow(2).mean().item() for g in (32, 64, 128, None)}
+    assert err[32] < err[64] < err[128] <= err[None] * 1.0001
+
+
+def test_requantizing_dequantized_q4_1_gives_the_same_bytes():
+    x = hand_made_rows()[6:]  # random rows
+    blocks = helper.gguf_quantize(x, "Q4_1")
+    again = helper.gguf_quantize(helper.gguf_dequantize(blocks, "Q4_1"), "Q4_1")
+    assert (again == blocks).all(1).float().mean() > 0.95
+
+
+def test_distinct_values_per_block():
+    x = torch.tensor([[1.0] * 16 + [2.0] * 16, list(range(32))], dtype=torch.float32)
+    assert helper.distinct_values_per_block(x).tolist() == [2, 32]
+
+
+def test_unpermute_rope_rows_inverts_the_converter():
+    w = torch.arange(12 * 3, dtype=torch.float32).reshape(12, 3)
+    n_head = 2  # llama.cpp's converter: reshape(n_head, 2, dim/2, ...).swapaxes(1, 2)
+    permuted = w.reshape(n_head, 2, 3, 3).swapaxes(1, 2).reshape(12, 3)
+    assert torch.equal(helper.unpermute_rope_rows(permuted, n_head), w)
+
+
+def test_gguf_name_to_hf():
+    assert helper.gguf_name_to_hf("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert helper.gguf_name_to_hf("token_embd.weight") == "model.embed_tokens.weight"
+    with pytest.raises(ValueError, match="not a Llama GGUF tensor name"):
+        helper.gguf_name_to_hf("blk.3.attn_qkv.weight")
+
+
+def test_gguf_linear_matches_dequantized_weights_and_counts_its_bytes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8, bias=True)
+    layer = helper.GGUFLinear.from_linear(lin, "Q4_1")
+    assert helper.model_size(layer) == 8 * 2 * 20 + 8 * 4  # 2 blocks of 20 bytes per row + fp32 bias
+    x = torch.randn(3, 64)
+    w = helper.gguf_dequantize(helper.gguf_quantize(lin.weight, "Q4_1"), "Q4_1")
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, w, lin.bias))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: helper.gguf_quantize(torch.ones(3, 30), "Q4_1"), "multiple of 32"),
+    (lambda: helper.gguf_quantize(torch.ones(1, 32), "Q5_0"), "unknown GGUF format"),
+    (lambda: helper.gguf_quantize(torch.ones(1, 256), "Q4_K"), "dequantize-only"),
+    (lambda: helper.gguf_quantize(torch.tensor([[float("nan")] * 32]), "Q8_0"), "nan or inf"),
+    (lambda: helper.gguf_dequantize(torch.zeros(1, 21, dtype=torch.uint8), "Q4_1"), "multiple of 20 bytes"),
+    (lambda: helper.gguf_dequantize(torch.zeros(1, 20), "Q4_1"), "uint8"),
+    (lambda: helper.blockwise_minmax_rtn(torch.ones(3, 48), 32), "dividing the 144 weights"),
+    (lambda: helper.GGUFLinear(torch.zeros(4, 19, dtype=torch.uint8), "Q4_1", 32), "must be uint8"),
+])
+def test_bad_input_is_refused_clearly(bad, match):
+    with pytest.raises(ValueError, match=match):
+        bad()
+
+
+def test_integer_weights_are_refused():
+    with pytest.raises(TypeError, match="floating-point"):
+        helper.gguf_quantize(torch.ones(1, 32, dtype=torch.int32), "Q8_0")
+
+
+def test_every_tensor_of_the_packaged_file_round_trips():
+    """All 272 tensors: dequantized (mine) == the course's cached model weights, and mine == gguf-py."""
+    tensors = helper.read_gguf_tensors()
+    model, _ = helper.load_smollm2()
+    state = model.state_dict()
+    kinds = {}
+    for name, (kind, data) in tensors.items():
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind in helper.GGUF_FORMATS:
+            mine = helper.gguf_dequantize(data, kind)
+            ref = gguf.quants.dequantize(data.numpy(), T[kind])
+            assert np.array_equal(bits(mine.numpy()), bits(ref)), name
+            data = mine
+        assert torch.equal(data.reshape(state[name].shape), state[name]), name
+    assert kinds == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
