@@ -153,26 +153,50 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_STAMP = ".verified.json"  # sizes and modification times of the files at the last full check
+
+
 def _write_manifest(folder: Path) -> None:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "MANIFEST.json")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in ("MANIFEST.json", _STAMP))
     manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
 
 
-def cache_is_valid(folder: Path) -> bool:
-    """True when every file listed in the folder's MANIFEST.json exists with its size and hash."""
+def _file_stats(folder: Path, names) -> dict[str, list[int]] | None:
+    try:
+        return {name: [(folder / name).stat().st_size, (folder / name).stat().st_mtime_ns] for name in names}
+    except OSError:
+        return None
+
+
+def cache_is_valid(folder: Path, full: bool = False) -> bool:
+    """True when every file listed in the folder's MANIFEST.json exists with its size and hash.
+
+    Hashing 540 MB takes seconds, so after a full check passes, the files' sizes and modification
+    times are recorded (.verified.json) and later calls only compare those; any file written since
+    (a changed size or time) brings the full check back. full=True always hashes.
+    """
     manifest_path = folder / "MANIFEST.json"
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         return False
-    for name, meta in manifest.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != meta["bytes"]:
-            return False
-        if _sha256(path) != meta["sha256"]:
-            return False
-    return bool(manifest)
+    if not manifest:
+        return False
+    stats = _file_stats(folder, manifest)
+    if stats is None or any(stats[name][0] != meta["bytes"] for name, meta in manifest.items()):
+        return False
+    if not full:
+        try:
+            if json.loads((folder / _STAMP).read_text()) == stats:
+                return True
+        except (OSError, ValueError):
+            pass
+    if any(_sha256(folder / name) != meta["sha256"] for name, meta in manifest.items()):
+        return False
+    with contextlib.suppress(OSError):  # a read-only cache is still valid, only slower to check
+        (folder / _STAMP).write_text(json.dumps(stats))
+    return True
 
 
 def _convert_smollm2(target: Path) -> None:
@@ -206,9 +230,9 @@ def smollm2_dir() -> Path:
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if target in _VERIFIED:
         return target
-    if target.exists() and not cache_is_valid(target):
-        print(f"Cache {target} is incomplete or corrupt: rebuilding it.")
-    if not cache_is_valid(target):
+    if not cache_is_valid(target):  # checked once per process, and cheaply after the first full check
+        if target.exists():
+            print(f"Cache {target} is incomplete or corrupt: rebuilding it.")
         _convert_smollm2(target)
     _VERIFIED.add(target)
     return target

@@ -17,6 +17,9 @@ Usage:
 
 In every quantized method the tied lm_head (it shares its weight with the token embedding) stays
 in full precision, and so does the embedding: only the decoder's nn.Linear layers are quantized.
+The exception is llama.cpp-q4_1-file: llama.cpp runs the GGUF file as shipped (Q4_1 linear layers,
+a Q8_0 embedding that is also the output layer); it is measured only where `make setup-llama`
+installed it (the default run skips it otherwise, saying so).
 """
 
 from __future__ import annotations
@@ -114,6 +117,22 @@ def _bnb(**config) -> Callable[[Path], nn.Module]:
     return load
 
 
+def _gguf(fmt: str) -> Callable[[Path], nn.Module]:
+    def load(folder: Path) -> nn.Module:
+        return helper.replace_linear_with_gguf(_load(folder), fmt=fmt, exclude=(SKIP,))
+
+    return load
+
+
+def _gguf_file(folder: Path) -> nn.Module:
+    """The file's own Q4_1 blocks in helper.GGUFLinear layers (dequantized at every forward pass)."""
+    if folder != helper.smollm2_dir():
+        raise RuntimeError("gguf-q4_1-file needs the packaged SmolLM2 (its blocks come from the GGUF file)")
+    return helper.replace_linear_with_gguf(_load(folder), tensors=helper.read_gguf_tensors(), exclude=(SKIP,))
+
+
+LLAMA_CPP = "llama.cpp-q4_1-file"  # not a PyTorch model: measured by measure_llama_cpp
+
 METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
     "fp32": ("torch (baseline)", lambda f: _load(f, torch.float32)),
     "bf16": ("torch dtype", lambda f: _load(f, torch.bfloat16)),
@@ -126,6 +145,10 @@ METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
     "torchao-int8-dynamic": ("torchao Int8DynamicActivationInt8WeightConfig", _torchao("Int8DynamicActivationInt8WeightConfig")),
     "bnb-int8": ("bitsandbytes LLM.int8()", _bnb(load_in_8bit=True)),
     "bnb-nf4": ("bitsandbytes NF4", _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+    "gguf-q4_1-file": ("course helper GGUFLinear, the GGUF file's own Q4_1 blocks", _gguf_file),
+    "gguf-q4_0": ("course helper GGUFLinear, Q4_0 re-quantized", _gguf("Q4_0")),
+    "gguf-q8_0": ("course helper GGUFLinear, Q8_0 re-quantized", _gguf("Q8_0")),
+    LLAMA_CPP: ("llama.cpp (llama-cpp-python), the GGUF file as shipped", None),
 }
 
 
@@ -138,6 +161,8 @@ def measure(method: str, folder: Path, args: argparse.Namespace) -> dict:
     """Load+quantize one method and measure it; runs in a fresh process (peak RSS is per method)."""
     from transformers import AutoTokenizer
 
+    if method == LLAMA_CPP:
+        return measure_llama_cpp(folder, args)
     library, loader = METHODS[method]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     start = time.perf_counter()
@@ -172,6 +197,48 @@ def measure(method: str, folder: Path, args: argparse.Namespace) -> dict:
     del model, models
     gc.collect()
     return row
+
+
+def measure_llama_cpp(folder: Path, args: argparse.Namespace) -> dict:
+    """The GGUF file in llama.cpp: same tokens, windows and decode protocol as the PyTorch methods.
+
+    Bytes held: the file's tensor data (its embedding is Q8_0 and also serves as the output layer,
+    unlike the PyTorch rows, which keep that matrix in fp32).
+    """
+    import gguf
+    from transformers import AutoTokenizer
+
+    if folder != helper.smollm2_dir():
+        raise RuntimeError(f"{LLAMA_CPP} needs the packaged SmolLM2 GGUF file")
+    if not helper.llama_cpp_installed():
+        raise RuntimeError(helper.LLAMA_CPP_MISSING)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    start = time.perf_counter()
+    llm = helper.load_llama_cpp(n_ctx=args.window + 1)
+    load_s = time.perf_counter() - start
+    path = helper.smollm2_gguf_path()
+    held = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    ids = tokenizer(helper.eval_text(), return_tensors="pt").input_ids[0]
+    nll = helper.llama_cpp_token_nll(llm, ids, n_tokens=args.ppl_tokens, window=args.window)
+    ppl, ppl_se = helper.perplexity_with_error(nll)
+    peak_mb = helper.peak_rss_mb()
+    fp32 = loader_fp32(folder)
+    batch = tokenizer("The history of", return_tensors="pt")
+    prompt = batch.input_ids[0].tolist()
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    with torch.no_grad():
+        times = helper.time_variants({
+            "fp32": lambda: fp32.generate(**batch, **kwargs),
+            LLAMA_CPP: lambda: helper.llama_cpp_generate(llm, prompt, args.new_tokens),
+        }, repeats=args.repeats)
+    speedup = helper.speedup(times, LLAMA_CPP, "fp32")
+    return {
+        "method": LLAMA_CPP, "library": METHODS[LLAMA_CPP][0], "bytes": held, "reported_bytes": path.stat().st_size,
+        "perplexity": ppl, "perplexity_se": ppl_se,
+        "decode_tokens_per_s": args.new_tokens / statistics.median(times[LLAMA_CPP]),
+        "decode_speedup": speedup[0], "decode_speedup_low": speedup[1], "decode_speedup_high": speedup[2],
+        "load_quantize_s": load_s, "peak_rss_mb": peak_mb, "nll": [round(v, 5) for v in nll.tolist()],
+    }
 
 
 def loader_fp32(folder: Path) -> nn.Module:
@@ -302,7 +369,8 @@ def write_markdown(rows: list[dict], header: str, path: Path) -> None:
             f"| {r['load_quantize_s']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
     lines += ["", "Bytes held are counted by helper.model_size (integer data plus scales); "
-              "lm_head (tied to the embedding) stays in full precision in every method. Perplexity: "
+              "lm_head (tied to the embedding) stays in full precision in every PyTorch method (llama.cpp runs "
+              "the file as shipped: Q8_0 embedding and output layer). Perplexity: "
               "4,096 tokens of helper.eval_text() in windows of 512, ± its standard error (per-token "
               "NLLs in smollm2_cpu_nll.npz). Decode: median tokens/s of the timed rounds; speed-up: median "
               "(lowest–highest) of the per-round ratios against an fp32 copy timed in the same process."]
@@ -348,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     methods = ["fp32"] + [m for m in dict.fromkeys(args.methods) if m != "fp32"]
+    if args.tiny:  # the GGUF file's rows need the real model
+        methods = [m for m in methods if m not in ("gguf-q4_1-file", LLAMA_CPP)]
+    if LLAMA_CPP in methods and not helper.llama_cpp_installed() and args.methods == list(METHODS):
+        methods.remove(LLAMA_CPP)  # optional: the default run skips it; asking for it by name fails clearly
+        print(f"skipping {LLAMA_CPP}: {helper.LLAMA_CPP_MISSING}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tiny-llama-") as tmp:
         folder = build_tiny_model(Path(tmp)) if args.tiny else helper.smollm2_dir()

@@ -86,3 +86,18 @@ def test_hub_model_offline_fails_fast_with_advice(monkeypatch):
 def test_missing_package_names_the_fix():
     with pytest.raises(ModuleNotFoundError, match="make setup"):
         helper.package_dir("no_such_course_package")
+
+
+def test_cache_is_hashed_once_then_checked_by_size_and_time(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\x01" * 1000)
+    helper._write_manifest(folder)
+    hashed = []
+    real_sha256 = helper._sha256
+    monkeypatch.setattr(helper, "_sha256", lambda p: hashed.append(p.name) or real_sha256(p))
+    assert helper.cache_is_valid(folder) and hashed == ["weights.bin"]  # first check: full
+    assert helper.cache_is_valid(folder) and hashed == ["weights.bin"]  # then: sizes and times only
+    assert helper.cache_is_valid(folder, full=True) and len(hashed) == 2
+    (folder / "weights.bin").write_bytes(b"\x02" * 1000)  # same size, new content and time
+    assert not helper.cache_is_valid(folder) and len(hashed) == 3
