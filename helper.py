@@ -554,41 +554,62 @@ def dtype_byte_size(dtype: torch.dtype) -> float:
     return float(dtype.itemsize)
 
 
-def _quantized_nbytes(t: torch.Tensor) -> int:
-    """A torch.ao quantized tensor: its integers plus scale(s) and zero point(s)."""
-    data = t.numel() * t.element_size()
-    if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        return data + 8 + 8  # one float64 scale, one int64 zero point
-    return data + tensor_nbytes(t.q_per_channel_scales()) + tensor_nbytes(t.q_per_channel_zero_points())
+DATA, SCALES, PLAIN = "integer data", "scales and shifts", "unquantized tensors"
 
 
-def _bnb_extra_nbytes(t: torch.Tensor) -> int:
+def _bnb_extras(t: torch.Tensor) -> Iterator[torch.Tensor]:
     """Scales bitsandbytes keeps beside a weight: Int8Params.SCB or Params4bit.quant_state."""
-    extra = 0
     scb = getattr(t, "SCB", None)
     if torch.is_tensor(scb):
-        extra += tensor_nbytes(scb)
+        yield scb
     state = getattr(t, "quant_state", None)
     while state is not None:
         for name in ("absmax", "code", "offset"):
             value = getattr(state, name, None)
             if torch.is_tensor(value):
-                extra += tensor_nbytes(value)
+                yield value
         state = getattr(state, "state2", None)  # nested state of double quantization
-    return extra
+
+
+def _plain_nbytes(t: torch.Tensor) -> int:
+    return math.ceil(t.numel() * dtype_byte_size(t.dtype))
+
+
+def tensor_parts(t: torch.Tensor, inside: str = "") -> Iterator[tuple[str, int]]:
+    """(kind, bytes) of every piece a tensor holds; kind is DATA, SCALES or PLAIN.
+
+    The one place that knows how each library stores a weight: torch.ao quantized tensors (integers
+    + scales and zero points), quanto/torchao wrapper subclasses (their inner tensors, found with
+    `__tensor_flatten__`), bitsandbytes parameters (integers + SCB or quant_state). A float tensor
+    inside a wrapper, or one named like a scale, counts as SCALES. Taught in Lessons 5-7.
+    """
+    if t.is_quantized:  # torch.ao
+        yield DATA, t.numel() * t.element_size()
+        if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            yield SCALES, 8 + 8  # one float64 scale, one int64 zero point
+        else:
+            yield SCALES, _plain_nbytes(t.q_per_channel_scales()) + _plain_nbytes(t.q_per_channel_zero_points())
+        return
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
+        for name in flatten()[0]:  # quanto: _data, _scale, _shift; torchao: tensor_impl -> int_data, scale, ...
+            yield from tensor_parts(getattr(t, name), inside=name)
+        return
+    scale_like = inside and (t.is_floating_point() or any(k in inside for k in ("scale", "zero", "shift")))
+    yield (SCALES if scale_like else DATA if not t.is_floating_point() else PLAIN), _plain_nbytes(t)
+    for extra in _bnb_extras(t):
+        yield SCALES, _plain_nbytes(extra)
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
-    """Bytes a tensor really holds: inner data and scales of quantized subclasses included."""
+    """Bytes a tensor really holds: inner data and scales of quantized subclasses included.
+
+    Unlike accelerate's size helpers (numel x the *reported* dtype), it looks inside quantized
+    tensor subclasses, which report float32 while holding int8 or packed 4-bit data.
+    """
     if not torch.is_tensor(t):
         raise TypeError(f"tensor_nbytes expects a tensor, got {type(t).__name__}")
-    if t.is_quantized:
-        return _quantized_nbytes(t)
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
-        inner_names, _ = flatten()  # quanto / torchao wrapper subclasses
-        return sum(tensor_nbytes(getattr(t, name)) for name in inner_names)
-    return math.ceil(t.numel() * dtype_byte_size(t.dtype)) + _bnb_extra_nbytes(t)
+    return sum(nbytes for _, nbytes in tensor_parts(t))
 
 
 def named_module_tensors(module: nn.Module, recurse: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
@@ -606,18 +627,30 @@ def named_module_tensors(module: nn.Module, recurse: bool = False) -> Iterator[t
                 yield f"{dot}_packed_params.bias", bias
 
 
-def compute_module_sizes(model: nn.Module) -> dict[str, int]:
-    """Bytes held by every submodule (key "" is the whole model); shared tensors count once."""
+def unique_module_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `model` once (shared ones under their first name): the walk all size functions use.
+
+    It keeps every tensor it yielded alive until the walk ends: torch.ao's packed weights are fresh
+    temporaries, and a freed temporary's id() can be reused by the next one, which a bare set of
+    ids would then skip.
+    """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"compute_module_sizes expects an nn.Module, got {type(model).__name__}")
-    sizes: dict[str, int] = defaultdict(int)
-    # Keep every tensor alive while walking: torch.ao's packed weights are fresh temporaries,
-    # and a freed temporary's id() can be reused by the next one, which would then be skipped.
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     seen: dict[int, torch.Tensor] = {}
     for name, tensor in named_module_tensors(model, recurse=True):
-        if id(tensor) in seen:
-            continue
-        seen[id(tensor)] = tensor
+        if id(tensor) not in seen:
+            seen[id(tensor)] = tensor
+            yield name, tensor
+
+
+def compute_module_sizes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by every submodule (key "" is the whole model); shared tensors count once.
+
+    Same keys as accelerate's `compute_module_sizes`, but bytes really held (tensor_nbytes), and
+    torch.ao's packed weights, which live outside parameters and buffers, included.
+    """
+    sizes: dict[str, int] = defaultdict(int)
+    for name, tensor in unique_module_tensors(model):
         size = tensor_nbytes(tensor)
         parts = name.split(".")
         for idx in range(len(parts)):
@@ -1474,22 +1507,15 @@ def llama_cpp_generate(llm, prompt_ids: list[int], new_tokens: int = 32) -> list
 
 
 def quanto_size_breakdown(model: nn.Module) -> dict[str, int]:
-    """Bytes of a (quanto-)quantized model split into integer data, scales/shifts and plain tensors."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"quanto_size_breakdown expects an nn.Module, got {type(model).__name__}")
-    parts = {"integer data": 0, "scales and shifts": 0, "unquantized tensors": 0}
-    seen: set[int] = set()
-    for _, tensor in named_module_tensors(model, recurse=True):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        flatten = getattr(tensor, "__tensor_flatten__", None)
-        if flatten is None or type(tensor) in (torch.Tensor, nn.Parameter):
-            parts["unquantized tensors"] += tensor_nbytes(tensor)
-            continue
-        for name in flatten()[0]:  # quanto: _data, _scale and (int2/int4) _shift
-            key = "integer data" if name == "_data" else "scales and shifts"
-            parts[key] += tensor_nbytes(getattr(tensor, name))
+    """Bytes of a quantized model split into integer data, scales/shifts and unquantized tensors.
+
+    Works for quanto (where Lesson 5 uses it) and for torch.ao, torchao and bitsandbytes models;
+    the three parts add up to model_size(model).
+    """
+    parts = {DATA: 0, SCALES: 0, PLAIN: 0}
+    for _, tensor in unique_module_tensors(model):
+        for kind, nbytes in tensor_parts(tensor):
+            parts[kind] += nbytes
     return parts
 
 

@@ -113,3 +113,34 @@ def test_torch_ao_dynamic_linear_counts_packed_int8_weight():
     data, scale_and_zero_point, bias = 32 * 64, 8 + 8, 32 * 4
     assert helper.model_size(model) == data + scale_and_zero_point + bias
 
+
+
+def test_one_walk_counts_every_packed_weight_of_a_deep_torch_ao_model():
+    """Regression: 60 dynamic-int8 layers whose packed weights are temporaries (reused ids)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(60)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    names = [name for name, _ in helper.unique_module_tensors(qmodel)]
+    assert sum(name.endswith("_packed_params.weight") for name in names) == 60
+    # per layer: 256 int8 weights + per-tensor float64 scale and int64 zero point + 16 fp32 biases
+    assert helper.model_size(qmodel) == 60 * (256 + 16 + 16 * 4)
+    parts = helper.quanto_size_breakdown(qmodel)
+    assert parts == {helper.DATA: 60 * 256, helper.SCALES: 60 * 16, helper.PLAIN: 60 * 16 * 4}
+
+
+def test_breakdown_adds_up_to_model_size_for_quanto_int4():
+    from optimum.quanto import freeze, qint4, quantize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 32), nn.Linear(32, 256))
+    quantize(model, weights=qint4)
+    freeze(model)
+    parts = helper.quanto_size_breakdown(model)
+    assert sum(parts.values()) == helper.model_size(model)
+    assert parts[helper.DATA] == (256 * 32 + 32 * 256) // 2  # two 4-bit codes per byte
+    # the fp32 biases, and two fp32 scalars per QLinear (input_scale, output_scale: unused by weight-only)
+    assert parts[helper.PLAIN] == (32 + 256) * 4 + 2 * 2 * 4
