@@ -75,6 +75,9 @@ class _NoBnbBf16KernelFinder(importlib.abc.MetaPathFinder):
 if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() not in {"", "avx512"}:
     sys.meta_path.insert(0, _NoBnbBf16KernelFinder())
 
+# huggingface_hub reads this once, when it is first imported (transformers imports it)
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 REPO_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = REPO_DIR / "assets"
 
@@ -122,8 +125,10 @@ def setup_notebook(seed: int = 0) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    import huggingface_hub.utils
+
     transformers.utils.logging.disable_progress_bar()
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    huggingface_hub.utils.disable_progress_bars()  # the variable below only counts before the import
 
 
 def versions() -> dict[str, str]:
@@ -324,7 +329,7 @@ class HubUnavailableError(RuntimeError):
 
 def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
     """True when a TCP connection to the Hub endpoint opens within `timeout` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false"}:
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:  # huggingface_hub's rule
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     parsed = urllib.parse.urlparse(endpoint)
@@ -388,13 +393,16 @@ class DummyModel(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(123)  # the course's seed: fp32 logits are [-0.6872, 0.7132]
-        self.token_embedding = nn.Embedding(2, 2)
-        self.linear_1 = nn.Linear(2, 2)
-        self.layernorm_1 = nn.LayerNorm(2)
-        self.linear_2 = nn.Linear(2, 2)
-        self.layernorm_2 = nn.LayerNorm(2)
-        self.head = nn.Linear(2, 2)
+        # the course's seed (fp32 logits [-0.6872, 0.7132]), on a forked generator: building a
+        # DummyModel leaves the global random state as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(123)
+            self.token_embedding = nn.Embedding(2, 2)
+            self.linear_1 = nn.Linear(2, 2)
+            self.layernorm_1 = nn.LayerNorm(2)
+            self.linear_2 = nn.Linear(2, 2)
+            self.layernorm_2 = nn.LayerNorm(2)
+            self.head = nn.Linear(2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.token_embedding(x)  # (batch, seq, 2)

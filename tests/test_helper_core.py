@@ -73,3 +73,27 @@ def test_load_image_refuses_absurdly_large_images(tmp_path):
     Image.new("1", (8000, 8000)).save(path)  # 64 M pixels, a few kB on disk
     with pytest.raises(ValueError, match="pixels"):
         helper.load_image(path)
+
+
+def test_building_a_dummy_model_leaves_the_global_generator_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    helper.DummyModel()
+    assert torch.equal(torch.rand(3), expected)
+    logits = helper.DummyModel()(torch.tensor([[1, 0]]))[0, 0]
+    assert torch.allclose(logits, torch.tensor([-0.6872, 0.7132]), atol=1e-4)
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("TRUE", True), ("yes", True), ("on", True),
+                                            ("0", False), ("", False), ("false", False), ("off", False)])
+def test_hf_hub_offline_is_parsed_as_huggingface_hub_does(monkeypatch, value, offline):
+    import socket
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    calls = []
+    real = socket.create_connection
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert helper.hub_reachable(timeout=1) is False
+    assert (calls == []) is offline  # offline: no connection is even tried
