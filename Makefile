@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+PYTEST := --durations=15
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
 # The second test pass forces every CPU kernel library down to AVX2 (no AVX-512, no VNNI or BF16
 # instructions): PyTorch's own kernels, oneDNN, MKL and FBGEMM. helper.py keeps bitsandbytes off its
@@ -41,13 +42,13 @@ course: models  ## execute every lesson and write build/html/index.html
 test: $(if $(filter true,$(CI)),setup-llama) test-native test-avx2  ## the whole suite twice: this CPU's kernels, then AVX2
 
 test-native: models  ## unit tests + nbval over every notebook, with this CPU's own kernels
-	$(BIN)/python -m pytest tests notebooks $(NBVAL)
+	$(BIN)/python -m pytest tests notebooks $(NBVAL) $(PYTEST)
 
 test-avx2: models  ## the same suite with every kernel library forced down to AVX2
-	$(AVX2) $(BIN)/python -m pytest tests notebooks $(NBVAL)
+	$(AVX2) $(BIN)/python -m pytest tests notebooks $(NBVAL) $(PYTEST)
 
-unit: models  ## unit tests only (fast)
-	$(BIN)/python -m pytest tests
+unit: models  ## the fast unit tests (under a minute; `make test` runs the slow ones too)
+	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST)
 
 nbval: models  ## nbval only; NB=notebooks/01_data_types.ipynb for one lesson
 	$(BIN)/python -m pytest $(or $(NB),notebooks) $(NBVAL)

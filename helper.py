@@ -1,7 +1,28 @@
-"""Shared code for the quantization course: models, images, generation, sizes, evaluation.
+"""Shared code for the quantization course, in the order the course uses it.
 
-Grouped by lesson topic. Notebooks and tests import it as ``import helper`` (the repo is
-installed in editable mode by ``make setup``).
+Notebooks and tests import it as ``import helper`` (``make setup`` installs the repository in
+editable mode). Every lesson's functions sit under a heading that names its notebook.
+
+Contents
+  Shared plumbing
+    Configuration: cache directory, the Hub switch, notebook set-up and versions
+    Packaged real models (offline) and a verified on-disk cache
+    The original course's Hub models: an online option behind HUB_SWITCH
+    Images: loading from a path or URL, with clear errors
+    Process memory: resident set size, peaks in fresh processes, giving memory back
+    Claims: prose checked on the CPU that runs it; library versions
+  Lessons
+    1  numeric data types: float_bits, largest_exact_integer
+    2  dtypes of a model: DummyModel, generation, sizes (tensor_parts, model_size, ...),
+       perplexity, the one timing protocol (time_variants, speed_verdict, decode_timings)
+    3  linear quantization from scratch: linear_quantize, per channel and per group, W8A16Linear,
+       bit packing
+    4  GGUF: gguf_quantize / gguf_dequantize (Q8_0, Q4_0, Q4_1, Q4_K), GGUFLinear, llama.cpp
+    5  optimum-quanto: quanto_size_breakdown
+    6  dynamic quantization: count_modules, logits_diff, activation_absmax
+    7  bitsandbytes: bnb_quantize_linear
+    8  the capstone benchmark: token_nll, perplexity_with_error, paired_nll_difference,
+       read_benchmark
 """
 
 from __future__ import annotations
@@ -81,14 +102,21 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 REPO_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = REPO_DIR / "assets"
 
+
 # ---------------------------------------------------------------------------
-# Configuration: cache directory and the one switch for the Hugging Face Hub
+# Configuration: cache directory, the Hub switch, notebook set-up and versions
 # ---------------------------------------------------------------------------
+
 
 HUB_SWITCH = "QUANT_COURSE_USE_HUB"
+
+
 """Set this environment variable to 1 to use the original course's Hub models."""
 
+
 HUB_TIMEOUT_S = 5.0
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -135,7 +163,7 @@ def versions() -> dict[str, str]:
     """Versions of the libraries the course depends on (printed at the top of each lesson)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    names = ["torch", "transformers", "optimum-quanto", "torchao", "bitsandbytes", "accelerate"]
+    names = ["torch", "transformers", "optimum-quanto", "torchao", "bitsandbytes", "accelerate", "gguf"]
     found = {}
     for name in names:
         try:
@@ -357,111 +385,13 @@ def load_hub_model(model_cls, name: str, **kwargs: Any):
 
 
 # ---------------------------------------------------------------------------
-# Lesson 1: numeric data types
-# ---------------------------------------------------------------------------
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def float_bits(value: float, dtype: torch.dtype) -> tuple[str, str, str]:
-    """Sign, exponent and mantissa bit strings of `value` rounded to the float `dtype`."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"float_bits expects a floating torch.dtype, got {dtype!r}")
-    info = torch.finfo(dtype)
-    width = info.bits
-    mantissa_bits = round(-math.log2(info.eps))
-    exponent_bits = width - 1 - mantissa_bits
-    raw = torch.tensor([value], dtype=dtype).view(_INT_VIEW[width // 8]).item()
-    bits = format(raw & ((1 << width) - 1), f"0{width}b")
-    return bits[0], bits[1 : 1 + exponent_bits], bits[1 + exponent_bits :]
-
-
-def largest_exact_integer(dtype: torch.dtype) -> int:
-    """Largest n such that every integer 0..n is exactly representable in the float `dtype`."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"largest_exact_integer expects a floating torch.dtype, got {dtype!r}")
-    return 2 ** (round(-math.log2(torch.finfo(dtype).eps)) + 1)
-
-
-# ---------------------------------------------------------------------------
-# Lesson 2: data types of a model (DummyModel and friends)
-# ---------------------------------------------------------------------------
-
-
-class DummyModel(nn.Module):
-    """The course's toy model: an embedding and two (linear, layernorm) blocks, then a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # the course's seed (fp32 logits [-0.6872, 0.7132]), on a forked generator: building a
-        # DummyModel leaves the global random state as it was
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(123)
-            self.token_embedding = nn.Embedding(2, 2)
-            self.linear_1 = nn.Linear(2, 2)
-            self.layernorm_1 = nn.LayerNorm(2)
-            self.linear_2 = nn.Linear(2, 2)
-            self.layernorm_2 = nn.LayerNorm(2)
-            self.head = nn.Linear(2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.token_embedding(x)  # (batch, seq, 2)
-        hidden = self.layernorm_1(self.linear_1(hidden))
-        hidden = self.layernorm_2(self.linear_2(hidden))
-        return self.head(hidden)  # (batch, seq, 2)
-
-
-def print_param_dtype(model: nn.Module) -> None:
-    """Print the dtype of every parameter of `model`."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"print_param_dtype expects an nn.Module, got {type(model).__name__}")
-    for name, param in model.named_parameters():
-        print(f"{name} is loaded in {param.dtype}")
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Set torch's default floating dtype inside a `with` block; restore it even on error."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-# Lesson 2: peak memory of a fresh process (section 5)
-
-
-# Printed by the child of fresh_process_peak_mb (peak_rss_mb reads the child's own VmHWM).
-_PEAK_SNIPPET = "import helper as _helper; print('__PEAK_MB__', _helper.peak_rss_mb())"
-
-
-def fresh_process_peak_mb(code: str, timeout: float = 600.0) -> float:
-    """Run Python `code` in a fresh interpreter and return that process's peak resident memory in MB."""
-    import subprocess
-    import sys
-
-    if not isinstance(code, str):
-        raise TypeError(f"fresh_process_peak_mb expects Python source as a str, got {type(code).__name__}")
-    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-    result = subprocess.run(
-        [sys.executable, "-c", code + "\n" + _PEAK_SNIPPET],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO_DIR, env=env,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"the child process failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
-    lines = [line for line in result.stdout.splitlines() if line.startswith("__PEAK_MB__ ")]
-    if not lines:
-        raise RuntimeError("the child process did not report its peak memory")
-    return float(lines[-1].split()[1])
-
-
-# ---------------------------------------------------------------------------
 # Images: loading from a path or URL, with clear errors
 # ---------------------------------------------------------------------------
 
+
 MAX_IMAGE_PIXELS = 50_000_000
+
+
 MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 
 
@@ -512,8 +442,210 @@ def asset_path(name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------
-# Generation (image-to-text and text models)
+# Process memory: resident set size, peaks in fresh processes, giving memory back
 # ---------------------------------------------------------------------------
+
+
+# Printed by the child of fresh_process_peak_mb (peak_rss_mb reads the child's own VmHWM).
+_PEAK_SNIPPET = "import helper as _helper; print('__PEAK_MB__', _helper.peak_rss_mb())"
+
+
+def fresh_process_peak_mb(code: str, timeout: float = 600.0) -> float:
+    """Run Python `code` in a fresh interpreter and return that process's peak resident memory in MB."""
+    import subprocess
+    import sys
+
+    if not isinstance(code, str):
+        raise TypeError(f"fresh_process_peak_mb expects Python source as a str, got {type(code).__name__}")
+    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+    result = subprocess.run(
+        [sys.executable, "-c", code + "\n" + _PEAK_SNIPPET],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO_DIR, env=env,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"the child process failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("__PEAK_MB__ ")]
+    if not lines:
+        raise RuntimeError("the child process did not report its peak memory")
+    return float(lines[-1].split()[1])
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (its own high-water mark, VmHWM)."""
+    # Not ru_maxrss: Linux carries it over from the parent through fork and exec, so a child
+    # started by a process holding a model would report the parent's peak.
+    try:
+        with open("/proc/self/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        return kib * 1024 / 1e6
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process, in MB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e6
+
+
+def malloc_trim() -> bool:
+    """Ask glibc to hand freed heap memory back to the OS; True if it released some (Linux only)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to trim this way
+        return False
+    return bool(libc.malloc_trim(0))
+
+
+# ---------------------------------------------------------------------------
+# Claims: prose checked on the CPU that runs it; library versions
+# ---------------------------------------------------------------------------
+
+
+CLAIMS_LOG = "QUANT_COURSE_CLAIMS_LOG"
+
+
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels use here: 'AVX512', 'AVX2', 'DEFAULT', ..."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def claim(text: str, value: Any, low: float | None = None, high: float | None = None) -> None:
+    """Check one statement of the lesson on this machine and print it; raise if it does not hold.
+
+    Numbers that depend on the CPU's kernels (anything computed in bf16/fp16, with int8 or
+    4-bit kernels, perplexities, generated text) are not compared as text by the tests; the
+    lesson asserts what its prose says about them instead. Without bounds `value` must be
+    true; with them, low <= value <= high (tolerances measured on two instruction sets,
+    see CONTRIBUTING.md). The printed line is the same on every machine.
+    """
+    if not isinstance(text, str) or not text:
+        raise TypeError("claim needs the statement as a non-empty str")
+    bounded = low is not None or high is not None
+    if bounded:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"claim {text!r}: a bounded claim needs a number, got {value!r}")
+        holds = math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)
+    else:
+        holds = bool(value)
+    log_path = os.environ.get(CLAIMS_LOG)
+    if log_path:
+        record = {"claim": text, "value": value if bounded else bool(value), "low": low, "high": high,
+                  "holds": holds, "cpu": cpu_capability()}
+        with open(log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+    if not holds:
+        bounds = f", expected between {low} and {high}" if bounded else ""
+        raise AssertionError(f"The lesson says: {text}. On this machine ({cpu_capability()} kernels) the "
+                             f"measured value is {value!r}{bounds}. Please report it with your CPU model.")
+    print(f"✓ {text}")
+
+
+def check_versions(requirements: Path | None = None) -> None:
+    """Claim that every library the course pins or ranges in requirements.txt is installed within it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    path = requirements or REPO_DIR / "requirements.txt"
+    outside = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        try:
+            installed = version(req.name)
+        except PackageNotFoundError:
+            outside.append(f"{req.name} (not installed)")
+            continue
+        if installed not in req.specifier:
+            outside.append(f"{req.name} {installed} (tested: {req.specifier})")
+    claim("every library is installed within the range the course was tested with"
+          + (f"; outside: {', '.join(outside)}" if outside else ""), not outside)
+
+
+# ---------------------------------------------------------------------------
+# Lesson 1: numeric data types (notebooks/01_data_types.ipynb)
+# ---------------------------------------------------------------------------
+
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def float_bits(value: float, dtype: torch.dtype) -> tuple[str, str, str]:
+    """Sign, exponent and mantissa bit strings of `value` rounded to the float `dtype`."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"float_bits expects a floating torch.dtype, got {dtype!r}")
+    info = torch.finfo(dtype)
+    width = info.bits
+    mantissa_bits = round(-math.log2(info.eps))
+    exponent_bits = width - 1 - mantissa_bits
+    raw = torch.tensor([value], dtype=dtype).view(_INT_VIEW[width // 8]).item()
+    bits = format(raw & ((1 << width) - 1), f"0{width}b")
+    return bits[0], bits[1 : 1 + exponent_bits], bits[1 + exponent_bits :]
+
+
+def largest_exact_integer(dtype: torch.dtype) -> int:
+    """Largest n such that every integer 0..n is exactly representable in the float `dtype`."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"largest_exact_integer expects a floating torch.dtype, got {dtype!r}")
+    return 2 ** (round(-math.log2(torch.finfo(dtype).eps)) + 1)
+
+
+# ---------------------------------------------------------------------------
+# Lesson 2: loading models in other dtypes (notebooks/02_loading_models_in_dtypes.ipynb)
+# ---------------------------------------------------------------------------
+
+
+class DummyModel(nn.Module):
+    """The course's toy model: an embedding and two (linear, layernorm) blocks, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # the course's seed (fp32 logits [-0.6872, 0.7132]), on a forked generator: building a
+        # DummyModel leaves the global random state as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(123)
+            self.token_embedding = nn.Embedding(2, 2)
+            self.linear_1 = nn.Linear(2, 2)
+            self.layernorm_1 = nn.LayerNorm(2)
+            self.linear_2 = nn.Linear(2, 2)
+            self.layernorm_2 = nn.LayerNorm(2)
+            self.head = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.token_embedding(x)  # (batch, seq, 2)
+        hidden = self.layernorm_1(self.linear_1(hidden))
+        hidden = self.layernorm_2(self.linear_2(hidden))
+        return self.head(hidden)  # (batch, seq, 2)
+
+
+def print_param_dtype(model: nn.Module) -> None:
+    """Print the dtype of every parameter of `model`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"print_param_dtype expects an nn.Module, got {type(model).__name__}")
+    for name, param in model.named_parameters():
+        print(f"{name} is loaded in {param.dtype}")
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Set torch's default floating dtype inside a `with` block; restore it even on error."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _cast_floating(batch, dtype: torch.dtype):
@@ -546,8 +678,9 @@ def chat(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Sizes: bytes really held, for plain and quantized tensors
+# Lesson 2 (continued): sizes, the bytes really held; quantized tensors from Lesson 5 on
 # ---------------------------------------------------------------------------
+
 
 _SUB_BYTE = re.compile(r"^(u?int)(\d)$")
 
@@ -677,7 +810,7 @@ def format_bytes(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Evaluation: perplexity on a fixed real text, decode speed, process memory
+# Lesson 2 (continued): perplexity and the course's one timing protocol
 # ---------------------------------------------------------------------------
 
 
@@ -697,76 +830,9 @@ def perplexity(model, tokenizer, text: str | None = None, max_tokens: int = 512)
     return math.exp(loss.item())
 
 
-def token_nll(model, tokenizer, n_tokens: int = 4096, window: int = 512, text: str | None = None) -> torch.Tensor:
-    """Negative log-likelihood of each of `n_tokens` tokens of `text`, predicted in windows of `window`.
-
-    Window i feeds tokens [i*window, (i+1)*window] and scores the `window` tokens after its first,
-    so the windows do not overlap and every token is predicted with at most `window` tokens of
-    context. Taught in Lesson 8 (the capstone benchmark's perplexity and its standard error).
-    """
-    if n_tokens < window or n_tokens % window:
-        raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of window ({window})")
-    ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[0]
-    if ids.numel() < n_tokens + 1:
-        raise ValueError(f"the text has {ids.numel()} tokens; {n_tokens + 1} are needed")
-    losses = []
-    with torch.no_grad():
-        for start in range(0, n_tokens, window):
-            chunk = ids[start : start + window + 1].unsqueeze(0)  # (1, window + 1)
-            logits = model(input_ids=chunk[:, :-1]).logits.float()[0]  # (window, vocab)
-            losses.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none"))
-    return torch.cat(losses)  # (n_tokens,)
-
-
-def perplexity_with_error(nll: torch.Tensor) -> tuple[float, float]:
-    """(perplexity, its standard error) from per-token NLLs: exp(mean), exp(mean) * std / sqrt(n)."""
-    if not torch.is_tensor(nll) or nll.dim() != 1 or nll.numel() < 2:
-        raise ValueError("perplexity_with_error needs a 1-D tensor of at least two per-token NLLs")
-    mean = nll.double().mean().item()
-    se = nll.double().std().item() / math.sqrt(nll.numel())
-    return math.exp(mean), math.exp(mean) * se  # delta method: d exp(m) = exp(m) dm
-
-
-def paired_nll_difference(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[float, float]:
-    """(mean of nll_a - nll_b, its standard error) over the same tokens: > 0 means b predicts better.
-
-    Both models are scored on the same tokens, so the per-token differences cancel what makes
-    some tokens hard for every model; their standard error is far smaller than either
-    perplexity's. Two methods are ranked only when the difference exceeds two standard errors.
-    """
-    if (not torch.is_tensor(nll_a) or not torch.is_tensor(nll_b) or nll_a.shape != nll_b.shape
-            or nll_a.dim() != 1 or nll_a.numel() < 2):
-        raise ValueError("paired_nll_difference needs two 1-D tensors of NLLs of the same (at least two) tokens")
-    diff = (nll_a.double() - nll_b.double())
-    return diff.mean().item(), diff.std().item() / math.sqrt(diff.numel())
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (its own high-water mark, VmHWM)."""
-    # Not ru_maxrss: Linux carries it over from the parent through fork and exec, so a child
-    # started by a process holding a model would report the parent's peak.
-    try:
-        with open("/proc/self/status") as status:
-            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-        return kib * 1024 / 1e6
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
-
-
-def rss_mb() -> float:
-    """Current resident memory of this process, in MB."""
-    import psutil
-
-    return psutil.Process().memory_info().rss / 1e6
-
-
-# ---------------------------------------------------------------------------
-# Timings and claims: one timing protocol, and prose checked on the CPU that runs it
-# ---------------------------------------------------------------------------
-
 TIMING_REPEATS = 3
+
+
 """Timed rounds per comparison in the lessons (the benchmark uses more)."""
 
 
@@ -851,76 +917,17 @@ def print_decode_speeds(times: dict[str, list[float]], baseline: str, new_tokens
         print(f"decode {name:<{width}} {format_rate(new_tokens, seconds, 'tokens/s')}{verdict}")
 
 
-CLAIMS_LOG = "QUANT_COURSE_CLAIMS_LOG"
 """If set to a file path, every `claim` appends a JSON line (text, value, bounds, CPU) to it."""
 
 
-def cpu_capability() -> str:
-    """The instruction set torch's CPU kernels use here: 'AVX512', 'AVX2', 'DEFAULT', ..."""
-    return torch.backends.cpu.get_cpu_capability()
-
-
-def claim(text: str, value: Any, low: float | None = None, high: float | None = None) -> None:
-    """Check one statement of the lesson on this machine and print it; raise if it does not hold.
-
-    Numbers that depend on the CPU's kernels (anything computed in bf16/fp16, with int8 or
-    4-bit kernels, perplexities, generated text) are not compared as text by the tests; the
-    lesson asserts what its prose says about them instead. Without bounds `value` must be
-    true; with them, low <= value <= high (tolerances measured on two instruction sets,
-    see CONTRIBUTING.md). The printed line is the same on every machine.
-    """
-    if not isinstance(text, str) or not text:
-        raise TypeError("claim needs the statement as a non-empty str")
-    bounded = low is not None or high is not None
-    if bounded:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"claim {text!r}: a bounded claim needs a number, got {value!r}")
-        holds = math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)
-    else:
-        holds = bool(value)
-    log_path = os.environ.get(CLAIMS_LOG)
-    if log_path:
-        record = {"claim": text, "value": value if bounded else bool(value), "low": low, "high": high,
-                  "holds": holds, "cpu": cpu_capability()}
-        with open(log_path, "a") as log:
-            log.write(json.dumps(record) + "\n")
-    if not holds:
-        bounds = f", expected between {low} and {high}" if bounded else ""
-        raise AssertionError(f"The lesson says: {text}. On this machine ({cpu_capability()} kernels) the "
-                             f"measured value is {value!r}{bounds}. Please report it with your CPU model.")
-    print(f"✓ {text}")
-
-
-def check_versions(requirements: Path | None = None) -> None:
-    """Claim that every library the course pins or ranges in requirements.txt is installed within it."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from packaging.requirements import Requirement
-
-    path = requirements or REPO_DIR / "requirements.txt"
-    outside = []
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        req = Requirement(line)
-        try:
-            installed = version(req.name)
-        except PackageNotFoundError:
-            outside.append(f"{req.name} (not installed)")
-            continue
-        if installed not in req.specifier:
-            outside.append(f"{req.name} {installed} (tested: {req.specifier})")
-    claim("every library is installed within the range the course was tested with"
-          + (f"; outside: {', '.join(outside)}" if outside else ""), not outside)
-
-
 # ---------------------------------------------------------------------------
-# Lesson 3: linear quantization from scratch
+# Lesson 3: linear quantization from scratch (notebooks/03_linear_quantization_from_scratch.ipynb)
 # ---------------------------------------------------------------------------
 
 
 PACK_BITS = (1, 2, 4)
+
+
 """Bit widths `pack_weights` can pack into uint8 (they divide 8)."""
 
 
@@ -1510,7 +1517,7 @@ def llama_cpp_generate(llm, prompt_ids: list[int], new_tokens: int = 32) -> list
 
 
 # ---------------------------------------------------------------------------
-# Lesson 5: optimum-quanto
+# Lesson 5: optimum-quanto (notebooks/05_quantization_with_quanto.ipynb)
 # ---------------------------------------------------------------------------
 
 
@@ -1528,7 +1535,7 @@ def quanto_size_breakdown(model: nn.Module) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------
-# Lesson 6: post-training dynamic quantization (torch.ao, torchao)
+# Lesson 6: post-training dynamic quantization (notebooks/06_dynamic_quantization.ipynb)
 # ---------------------------------------------------------------------------
 
 
@@ -1589,8 +1596,9 @@ def activation_absmax(model: nn.Module, tokenizer, text: str | None = None, modu
 
 
 # ---------------------------------------------------------------------------
-# Lesson 7: bitsandbytes and the Model API workflow
+# Lesson 7: bitsandbytes and the Model API workflow (notebooks/07_bitsandbytes.ipynb)
 # ---------------------------------------------------------------------------
+
 
 BNB_MODES = ("int8", "nf4", "fp4")
 
@@ -1619,31 +1627,66 @@ def bnb_quantize_linear(linear: nn.Linear, mode: str = "nf4", double_quant: bool
     return layer.to("cpu")  # moving bitsandbytes weights to a device is what quantizes them
 
 
-def malloc_trim() -> bool:
-    """Ask glibc to hand freed heap memory back to the OS; True if it released some (Linux only)."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to trim this way
-        return False
-    return bool(libc.malloc_trim(0))
-
-
 # ---------------------------------------------------------------------------
-# Lesson 8: the capstone benchmark's results
+# Lesson 8: the capstone benchmark (notebooks/08_capstone_comparison.ipynb)
 # ---------------------------------------------------------------------------
+
+
+def token_nll(model, tokenizer, n_tokens: int = 4096, window: int = 512, text: str | None = None) -> torch.Tensor:
+    """Negative log-likelihood of each of `n_tokens` tokens of `text`, predicted in windows of `window`.
+
+    Window i feeds tokens [i*window, (i+1)*window] and scores the `window` tokens after its first,
+    so the windows do not overlap and every token is predicted with at most `window` tokens of
+    context. Taught in Lesson 8 (the capstone benchmark's perplexity and its standard error).
+    """
+    if n_tokens < window or n_tokens % window:
+        raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of window ({window})")
+    ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[0]
+    if ids.numel() < n_tokens + 1:
+        raise ValueError(f"the text has {ids.numel()} tokens; {n_tokens + 1} are needed")
+    losses = []
+    with torch.no_grad():
+        for start in range(0, n_tokens, window):
+            chunk = ids[start : start + window + 1].unsqueeze(0)  # (1, window + 1)
+            logits = model(input_ids=chunk[:, :-1]).logits.float()[0]  # (window, vocab)
+            losses.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none"))
+    return torch.cat(losses)  # (n_tokens,)
+
+
+def perplexity_with_error(nll: torch.Tensor) -> tuple[float, float]:
+    """(perplexity, its standard error) from per-token NLLs: exp(mean), exp(mean) * std / sqrt(n)."""
+    if not torch.is_tensor(nll) or nll.dim() != 1 or nll.numel() < 2:
+        raise ValueError("perplexity_with_error needs a 1-D tensor of at least two per-token NLLs")
+    mean = nll.double().mean().item()
+    se = nll.double().std().item() / math.sqrt(nll.numel())
+    return math.exp(mean), math.exp(mean) * se  # delta method: d exp(m) = exp(m) dm
+
+
+def paired_nll_difference(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[float, float]:
+    """(mean of nll_a - nll_b, its standard error) over the same tokens: > 0 means b predicts better.
+
+    Both models are scored on the same tokens, so the per-token differences cancel what makes
+    some tokens hard for every model; their standard error is far smaller than either
+    perplexity's. Two methods are ranked only when the difference exceeds two standard errors.
+    """
+    if (not torch.is_tensor(nll_a) or not torch.is_tensor(nll_b) or nll_a.shape != nll_b.shape
+            or nll_a.dim() != 1 or nll_a.numel() < 2):
+        raise ValueError("paired_nll_difference needs two 1-D tensors of NLLs of the same (at least two) tokens")
+    diff = (nll_a.double() - nll_b.double())
+    return diff.mean().item(), diff.std().item() / math.sqrt(diff.numel())
+
 
 BENCHMARK_DIR = REPO_DIR / "benchmarks" / "results"
+
+
 BENCHMARK_COLUMNS = {
     "method": str, "library": str, "bytes": int, "reported_bytes": int, "ratio_to_fp32": float,
     "perplexity": float, "perplexity_se": float, "decode_tokens_per_s": float,
     "decode_speedup": float, "decode_speedup_low": float, "decode_speedup_high": float,
     "load_quantize_s": float, "peak_rss_mb": float,
 }
+
+
 """The benchmark CSV's columns and their types: written by benchmarks/compare_methods.py, read here."""
 
 

@@ -48,7 +48,7 @@ def main(paths: list[str]) -> int:
         values = [fmt(log[text]["value"]) if text in log else "not run" for _, log in logs]
         print(f"| {text} | {bounds} | " + " | ".join(values) + " |")
     sys.path.insert(0, str(REPO / "tests"))
-    from test_notebook_structure import NOTEBOOKS, output_checks
+    from test_helper_notebook_structure import NOTEBOOKS, output_checks
 
     print("\n| lesson | cells with output | compared exactly | backed by an assertion | ignored, unbacked |")
     print("|---|---:|---:|---:|---:|")

@@ -156,7 +156,3 @@ def test_load_in_4bit_argument_was_removed(tiny_llama_dir):
         transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, load_in_4bit=True)
     with pytest.raises(TypeError, match="load_in_8bit"):
         transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, load_in_8bit=True)
-
-
-def test_malloc_trim_returns_a_bool():
-    assert isinstance(helper.malloc_trim(), bool)

@@ -72,11 +72,15 @@ def test_hub_switch_parsing(monkeypatch):
     assert helper.use_hub() is False
 
 
-def test_hub_model_offline_fails_fast_with_advice(monkeypatch):
+@pytest.mark.parametrize("offline, endpoint", [("1", None), ("0", "http://127.0.0.1:9")])
+def test_hub_model_fails_fast_with_advice(monkeypatch, tmp_path, offline, endpoint):
+    """Offline by HF_HUB_OFFLINE, or an endpoint that refuses (port 9): a clear error within seconds."""
     from transformers import AutoModel
 
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a port that refuses at once
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: the model is not there
+    if endpoint:
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
     start = time.perf_counter()
     with pytest.raises(helper.HubUnavailableError, match=helper.HUB_SWITCH):
         helper.load_hub_model(AutoModel, "google/flan-t5-small")

@@ -5,6 +5,7 @@ These checks read the stored notebooks (nbval re-executes them separately).
 
 import re
 from pathlib import Path
+from typing import Iterator
 
 import nbformat
 import pytest
@@ -102,8 +103,26 @@ def test_outputs_are_compared_or_asserted(path):
     assert exact + backed >= 0.9 * with_output, f"only {exact + backed} of {with_output} cells with output are checked"
 
 
-def test_no_progress_bars_in_stored_outputs():
-    for path in NOTEBOOKS:
-        for cell in _code_cells(path):
-            for output in cell.outputs:
-                assert "it/s]" not in output.get("text", ""), f"{path.name}: {cell.source[:60]!r}"
+PROGRESS = re.compile(r"\d+%\|[^|]*\||\d+(\.\d+)?(it/s|s/it)\]|[█▏▎▍▌▋▊▉]{2,}")
+
+
+def _output_texts(output) -> Iterator[str]:
+    if "text" in output:
+        yield output["text"]
+    for value in output.get("data", {}).values():
+        if isinstance(value, str):
+            yield value
+
+
+def test_progress_bar_pattern_finds_tqdm_lines():
+    assert PROGRESS.search("Loading weights: 100%|██████████| 272/272 [00:00<00:00, 3232.75it/s]")
+    assert PROGRESS.search("methods:  25%|██▌       | 1/4 [00:12<00:37, 12.42s/method, fp32]")
+    assert not PROGRESS.search("perplexity 14.80 ± 1.85 (about 25% of the bound) | 3 rounds")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_progress_bars_in_stored_outputs(path):
+    for cell in _code_cells(path):
+        for output in cell.outputs:
+            for text in _output_texts(output):
+                assert not PROGRESS.search(text), f"{path.name}: progress bar in the output of {cell.source[:60]!r}"

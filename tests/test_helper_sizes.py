@@ -98,22 +98,6 @@ def test_quanto_int4_linear_counts_packed_nibbles_scales_and_shifts():
     assert helper.model_size(model) == packed + scales + shifts + bias + io_scales
 
 
-def test_torchao_int8_weight_only_counts_qdata_scale_zero_point():
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    model = nn.Sequential(nn.Linear(64, 32))
-    quantize_(model, Int8WeightOnlyConfig())
-    data, scales, zero_points, bias = 32 * 64, 32 * 4, 32 * 1, 32 * 4
-    assert helper.model_size(model) == data + scales + zero_points + bias
-
-
-def test_torch_ao_dynamic_linear_counts_packed_int8_weight():
-    model = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(64, 32)), {nn.Linear}, dtype=torch.qint8)
-    assert helper.compute_module_sizes(model) != {}
-    data, scale_and_zero_point, bias = 32 * 64, 8 + 8, 32 * 4
-    assert helper.model_size(model) == data + scale_and_zero_point + bias
-
-
 
 def test_one_walk_counts_every_packed_weight_of_a_deep_torch_ao_model():
     """Regression: 60 dynamic-int8 layers whose packed weights are temporaries (reused ids)."""
