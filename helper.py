@@ -34,6 +34,7 @@ import importlib.machinery
 import importlib.util
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -42,11 +43,10 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
-
-import logging
+from typing import Any, NamedTuple
 
 # Two libraries print start-up noise that varies from run to run and teaches nothing: torchao
 # warns that its CUDA-only extensions do not load on a CPU wheel, and torch's pytree warns about
@@ -460,7 +460,11 @@ def fresh_process_peak_mb(code: str, timeout: float = 600.0) -> float:
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run(
         [sys.executable, "-c", code + "\n" + _PEAK_SNIPPET],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO_DIR, env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_DIR,
+        env=env,
     )
     if result.returncode != 0:
         raise RuntimeError(f"the child process failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
@@ -538,14 +542,22 @@ def claim(text: str, value: Any, low: float | None = None, high: float | None = 
         holds = bool(value)
     log_path = os.environ.get(CLAIMS_LOG)
     if log_path:
-        record = {"claim": text, "value": value if bounded else bool(value), "low": low, "high": high,
-                  "holds": holds, "cpu": cpu_capability()}
+        record = {
+            "claim": text,
+            "value": value if bounded else bool(value),
+            "low": low,
+            "high": high,
+            "holds": holds,
+            "cpu": cpu_capability(),
+        }
         with open(log_path, "a") as log:
             log.write(json.dumps(record) + "\n")
     if not holds:
         bounds = f", expected between {low} and {high}" if bounded else ""
-        raise AssertionError(f"The lesson says: {text}. On this machine ({cpu_capability()} kernels) the "
-                             f"measured value is {value!r}{bounds}. Please report it with your CPU model.")
+        raise AssertionError(
+            f"The lesson says: {text}. On this machine ({cpu_capability()} kernels) the "
+            f"measured value is {value!r}{bounds}. Please report it with your CPU model."
+        )
     print(f"✓ {text}")
 
 
@@ -569,8 +581,11 @@ def check_versions(requirements: Path | None = None) -> None:
             continue
         if installed not in req.specifier:
             outside.append(f"{req.name} {installed} (tested: {req.specifier})")
-    claim("every library is installed within the range the course was tested with"
-          + (f"; outside: {', '.join(outside)}" if outside else ""), not outside)
+    claim(
+        "every library is installed within the range the course was tested with"
+        + (f"; outside: {', '.join(outside)}" if outside else ""),
+        not outside,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -667,13 +682,15 @@ def get_generation(model, processor, inputs, dtype: torch.dtype | None = None, m
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     if not model.config.is_encoder_decoder and "input_ids" in batch:
-        out = out[:, batch["input_ids"].shape[1]:]  # keep only the new tokens of a decoder-only model
+        out = out[:, batch["input_ids"].shape[1] :]  # keep only the new tokens of a decoder-only model
     return processor.decode(out[0], skip_special_tokens=True).strip()
 
 
 def chat(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     """Greedy answer of a chat model to one user message (uses the tokenizer's chat template)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return get_generation(model, tokenizer, text, max_new_tokens=max_new_tokens)
 
 
@@ -896,8 +913,13 @@ def format_rate(work: float, seconds: list[float], unit: str) -> str:
     return f"{work / statistics.median(seconds):.1f} {unit} (spread {min(rates):.1f}–{max(rates):.1f})"
 
 
-def decode_timings(models: dict[str, nn.Module], tokenizer, prompt: str = "The history of", new_tokens: int = 32,
-                   repeats: int = TIMING_REPEATS) -> dict[str, list[float]]:
+def decode_timings(
+    models: dict[str, nn.Module],
+    tokenizer,
+    prompt: str = "The history of",
+    new_tokens: int = 32,
+    repeats: int = TIMING_REPEATS,
+) -> dict[str, list[float]]:
     """Seconds to greedily generate exactly `new_tokens` tokens after `prompt`, per model (interleaved)."""
     batch = tokenizer(prompt, return_tensors="pt")
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -952,8 +974,9 @@ def _check_float(tensor: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} got a tensor with nan or inf values")
 
 
-def _scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: int,
-                      symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_zero_point(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32) and zero point (int32) from min/max tensors of the same shape."""
     qmin, qmax = int_range(bits)
     lo, hi = lo.float(), hi.float()
@@ -976,8 +999,9 @@ def linear_q_params(tensor: torch.Tensor, bits: int = 8, symmetric: bool = False
     return scale.item(), int(zero_point.item())
 
 
-def linear_quantize(tensor: torch.Tensor, scale: float | torch.Tensor, zero_point: int | torch.Tensor,
-                    bits: int = 8) -> torch.Tensor:
+def linear_quantize(
+    tensor: torch.Tensor, scale: float | torch.Tensor, zero_point: int | torch.Tensor, bits: int = 8
+) -> torch.Tensor:
     """q = clamp(round(x / scale + zero_point), qmin, qmax) as int8; scale/zero_point broadcast."""
     _check_float(tensor, "linear_quantize")
     qmin, qmax = int_range(bits)
@@ -1016,8 +1040,9 @@ def _channel_min_max(w: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Te
     return rows.min(dim=1).values.reshape(shape), rows.max(dim=1).values.reshape(shape)
 
 
-def quantize_per_channel(w: torch.Tensor, bits: int = 8, axis: int = 0,
-                         symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_per_channel(
+    w: torch.Tensor, bits: int = 8, axis: int = 0, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q int8, scale float32, zero_point int32): one scale per slice along `axis` (keepdim shapes)."""
     _check_float(w, "quantize_per_channel")
     if w.dim() < 1:
@@ -1035,8 +1060,9 @@ def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, zero_point: tor
     return linear_dequantize(q, scale, zero_point)
 
 
-def quantize_per_group(w: torch.Tensor, group_size: int, bits: int = 8,
-                       symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_group(
+    w: torch.Tensor, group_size: int, bits: int = 8, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8, scale float32 of shape (rows, cols // group_size)): symmetric, groups along the last dim."""
     _check_float(w, "quantize_per_group")
     if w.dim() != 2:
@@ -1046,8 +1072,10 @@ def quantize_per_group(w: torch.Tensor, group_size: int, bits: int = 8,
     if w.shape[1] % group_size:
         raise ValueError(f"group_size {group_size} does not divide the {w.shape[1]} columns of the weight")
     if not symmetric:
-        raise ValueError("quantize_per_group is symmetric only; for zero points per group use "
-                         "quantize_per_channel(w.reshape(-1, group_size), axis=0, symmetric=False)")
+        raise ValueError(
+            "quantize_per_group is symmetric only; for zero points per group use "
+            "quantize_per_channel(w.reshape(-1, group_size), axis=0, symmetric=False)"
+        )
     q, scale, _ = quantize_per_channel(w.reshape(-1, group_size), bits=bits, axis=0, symmetric=True)
     return q.reshape(w.shape), scale.reshape(w.shape[0], w.shape[1] // group_size)
 
@@ -1086,7 +1114,7 @@ class W8A16Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "W8A16Linear":
+    def from_linear(cls, linear: nn.Linear) -> W8A16Linear:
         """Quantize an nn.Linear: symmetric int8 per output channel; scales and bias keep its dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -1130,8 +1158,11 @@ def replace_linear_with_w8a16(model: nn.Module, exclude: tuple[str, ...] | str =
             raise ValueError("model is itself an nn.Linear: use W8A16Linear.from_linear(model)")
         tied = [o for o in owners[id(linear.weight)] if not o.startswith(f"{name}.")]
         if tied:
-            warnings.warn(f"{name}.weight is tied to {tied[0]}: the int8 copy does not replace the float "
-                          "tensor, which stays for the other user (exclude it to keep the tie)", stacklevel=2)
+            warnings.warn(
+                f"{name}.weight is tied to {tied[0]}: the int8 copy does not replace the float "
+                "tensor, which stays for the other user (exclude it to keep the tie)",
+                stacklevel=2,
+            )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, W8A16Linear.from_linear(linear))
     return model
@@ -1154,8 +1185,9 @@ def pack_weights(q: torch.Tensor, bits: int) -> torch.Tensor:
     if q.numel() == 0:
         raise ValueError("pack_weights got an empty tensor")
     if q.min() < 0 or q.max() >= 2**bits:
-        raise ValueError(f"values must lie in [0, {2**bits - 1}] for {bits}-bit packing, "
-                         f"got [{q.min().item()}, {q.max().item()}]")
+        raise ValueError(
+            f"values must lie in [0, {2**bits - 1}] for {bits}-bit packing, got [{q.min().item()}, {q.max().item()}]"
+        )
     flat = q.flatten().to(torch.uint8)
     flat = torch.cat([flat, flat.new_zeros(-flat.numel() % per_byte)]).reshape(-1, per_byte)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
@@ -1295,7 +1327,9 @@ def gguf_dequantize(data: torch.Tensor, fmt: str) -> torch.Tensor:
     """GGUF blocks (uint8, (..., bytes)) -> float32 weights (..., cols); `gguf.quants.dequantize` in torch."""
     f = _gguf_format(fmt)
     if not torch.is_tensor(data) or data.dtype != torch.uint8:
-        raise ValueError(f"gguf_dequantize expects a uint8 tensor of {fmt} blocks, got {getattr(data, 'dtype', type(data))}")
+        raise ValueError(
+            f"gguf_dequantize expects a uint8 tensor of {fmt} blocks, got {getattr(data, 'dtype', type(data))}"
+        )
     if data.dim() < 1 or data.shape[-1] % f.type_size:
         raise ValueError(f"{fmt} rows must be a multiple of {f.type_size} bytes, got shape {tuple(data.shape)}")
     b = data.reshape(-1, f.type_size)
@@ -1310,8 +1344,9 @@ def gguf_dequantize(data: torch.Tensor, fmt: str) -> torch.Tensor:
     return w.reshape(*data.shape[:-1], -1)
 
 
-def blockwise_minmax_rtn(w: torch.Tensor, group_size: int | None = 32, bits: int = 4,
-                         param_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def blockwise_minmax_rtn(
+    w: torch.Tensor, group_size: int | None = 32, bits: int = 4, param_dtype: torch.dtype = torch.float16
+) -> torch.Tensor:
     """Q4_1's arithmetic for any group size: per group, scale = (max - min) / (2**bits - 1) and a float
     minimum, codes = round-to-nearest, returned dequantized. group_size=None: one group per row.
 
@@ -1364,10 +1399,17 @@ def distinct_values_per_block(w: torch.Tensor, block: int = 32) -> torch.Tensor:
 
 # GGUF tensor names of a Llama model -> transformers parameter names
 _GGUF_TO_HF = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 
@@ -1426,15 +1468,21 @@ class GGUFLinear(nn.Module):
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None = None):
         super().__init__()
         f = _gguf_format(fmt)
-        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != in_features // f.block_size * f.type_size:
-            raise ValueError(f"{fmt} blocks for {in_features} inputs must be uint8 (out, "
-                             f"{in_features // f.block_size * f.type_size}), got {tuple(blocks.shape)} {blocks.dtype}")
+        if (
+            blocks.dtype != torch.uint8
+            or blocks.dim() != 2
+            or blocks.shape[1] != in_features // f.block_size * f.type_size
+        ):
+            raise ValueError(
+                f"{fmt} blocks for {in_features} inputs must be uint8 (out, "
+                f"{in_features // f.block_size * f.type_size}), got {tuple(blocks.shape)} {blocks.dtype}"
+            )
         self.fmt, self.in_features, self.out_features = fmt, in_features, blocks.shape[0]
         self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str) -> "GGUFLinear":
+    def from_linear(cls, linear: nn.Linear, fmt: str) -> GGUFLinear:
         return cls(gguf_quantize(linear.weight, fmt), fmt, linear.in_features, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1445,8 +1493,12 @@ class GGUFLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
 
 
-def replace_linear_with_gguf(model: nn.Module, fmt: str | None = None, exclude: tuple[str, ...] | str = ("lm_head",),
-                             tensors: dict[str, tuple[str, torch.Tensor]] | None = None) -> nn.Module:
+def replace_linear_with_gguf(
+    model: nn.Module,
+    fmt: str | None = None,
+    exclude: tuple[str, ...] | str = ("lm_head",),
+    tensors: dict[str, tuple[str, torch.Tensor]] | None = None,
+) -> nn.Module:
     """Swap every nn.Linear (except `exclude`) for a GGUFLinear, in place.
 
     fmt: quantize the layer's own weight with gguf_quantize. tensors (from read_gguf_tensors): take
@@ -1477,8 +1529,10 @@ def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-LLAMA_CPP_MISSING = ("llama.cpp is optional and not installed here: `make setup-llama` builds "
-                     "llama-cpp-python from source (about 6-9 minutes on 2 cores)")
+LLAMA_CPP_MISSING = (
+    "llama.cpp is optional and not installed here: `make setup-llama` builds "
+    "llama-cpp-python from source (about 6-9 minutes on 2 cores)"
+)
 
 
 def load_llama_cpp(path: Path | None = None, n_ctx: int = 513, threads: int | None = None):
@@ -1487,8 +1541,14 @@ def load_llama_cpp(path: Path | None = None, n_ctx: int = 513, threads: int | No
         raise ModuleNotFoundError(LLAMA_CPP_MISSING)
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path or smollm2_gguf_path()), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                 n_threads=threads or torch.get_num_threads(), verbose=False)
+    return Llama(
+        model_path=str(path or smollm2_gguf_path()),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        logits_all=True,
+        n_threads=threads or torch.get_num_threads(),
+        verbose=False,
+    )
 
 
 def llama_cpp_token_nll(llm, ids: torch.Tensor | list[int], n_tokens: int = 4096, window: int = 512) -> torch.Tensor:
@@ -1539,7 +1599,7 @@ def quanto_size_breakdown(model: nn.Module) -> dict[str, int]:
 # ---------------------------------------------------------------------------
 
 
-def count_modules(model: nn.Module) -> "Counter[str]":
+def count_modules(model: nn.Module) -> Counter[str]:
     """Counter of module type names; torch.ao quantized types are prefixed (e.g. "quantized.dynamic.Linear")."""
     from collections import Counter
 
@@ -1569,8 +1629,9 @@ def logits_diff(model_a: nn.Module, model_b: nn.Module, input_ids: torch.Tensor)
     return diff.mean().item(), diff.max().item()
 
 
-def activation_absmax(model: nn.Module, tokenizer, text: str | None = None, module_filter=None,
-                      max_tokens: int = 512) -> dict[str, torch.Tensor]:
+def activation_absmax(
+    model: nn.Module, tokenizer, text: str | None = None, module_filter=None, max_tokens: int = 512
+) -> dict[str, torch.Tensor]:
     """Per-input-channel max |activation| entering each selected module (default: every nn.Linear)."""
     keep = module_filter or (lambda name, module: isinstance(module, nn.Linear))
     absmax: dict[str, torch.Tensor] = {}
@@ -1580,6 +1641,7 @@ def activation_absmax(model: nn.Module, tokenizer, text: str | None = None, modu
             x = args[0].detach().float()
             channel_max = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)  # (in_features,)
             absmax[name] = torch.maximum(absmax[name], channel_max) if name in absmax else channel_max
+
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if keep(n, m)]
@@ -1619,8 +1681,14 @@ def bnb_quantize_linear(linear: nn.Linear, mode: str = "nf4", double_quant: bool
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=torch.float32,
-                                  compress_statistics=double_quant, quant_type=mode)
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=torch.float32,
+            compress_statistics=double_quant,
+            quant_type=mode,
+        )
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double_quant, quant_type=mode)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
@@ -1669,10 +1737,15 @@ def paired_nll_difference(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[flo
     some tokens hard for every model; their standard error is far smaller than either
     perplexity's. Two methods are ranked only when the difference exceeds two standard errors.
     """
-    if (not torch.is_tensor(nll_a) or not torch.is_tensor(nll_b) or nll_a.shape != nll_b.shape
-            or nll_a.dim() != 1 or nll_a.numel() < 2):
+    if (
+        not torch.is_tensor(nll_a)
+        or not torch.is_tensor(nll_b)
+        or nll_a.shape != nll_b.shape
+        or nll_a.dim() != 1
+        or nll_a.numel() < 2
+    ):
         raise ValueError("paired_nll_difference needs two 1-D tensors of NLLs of the same (at least two) tokens")
-    diff = (nll_a.double() - nll_b.double())
+    diff = nll_a.double() - nll_b.double()
     return diff.mean().item(), diff.std().item() / math.sqrt(diff.numel())
 
 
@@ -1680,10 +1753,19 @@ BENCHMARK_DIR = REPO_DIR / "benchmarks" / "results"
 
 
 BENCHMARK_COLUMNS = {
-    "method": str, "library": str, "bytes": int, "reported_bytes": int, "ratio_to_fp32": float,
-    "perplexity": float, "perplexity_se": float, "decode_tokens_per_s": float,
-    "decode_speedup": float, "decode_speedup_low": float, "decode_speedup_high": float,
-    "load_quantize_s": float, "peak_rss_mb": float,
+    "method": str,
+    "library": str,
+    "bytes": int,
+    "reported_bytes": int,
+    "ratio_to_fp32": float,
+    "perplexity": float,
+    "perplexity_se": float,
+    "decode_tokens_per_s": float,
+    "decode_speedup": float,
+    "decode_speedup_low": float,
+    "decode_speedup_high": float,
+    "load_quantize_s": float,
+    "peak_rss_mb": float,
 }
 
 

@@ -31,22 +31,23 @@ import gc
 import json
 import math
 import os
-import statistics
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without the editable install, too
 
-import helper  # noqa: E402  (sets the torchao loggers before torchao is imported)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+import helper  # noqa: E402  (sets the torchao loggers before torchao is imported)
 
 RESULTS_DIR = helper.BENCHMARK_DIR
 CSV_NAME = "smollm2_cpu.csv"
@@ -142,7 +143,10 @@ METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
     "w8a16-scratch": ("course helper W8A16Linear", _w8a16),
     "torch.ao-dynamic-int8": ("torch.ao quantize_dynamic (deprecated)", _torch_ao_dynamic),
     "torchao-int8-weight-only": ("torchao Int8WeightOnlyConfig", _torchao("Int8WeightOnlyConfig")),
-    "torchao-int8-dynamic": ("torchao Int8DynamicActivationInt8WeightConfig", _torchao("Int8DynamicActivationInt8WeightConfig")),
+    "torchao-int8-dynamic": (
+        "torchao Int8DynamicActivationInt8WeightConfig",
+        _torchao("Int8DynamicActivationInt8WeightConfig"),
+    ),
     "bnb-int8": ("bitsandbytes LLM.int8()", _bnb(load_in_8bit=True)),
     "bnb-nf4": ("bitsandbytes NF4", _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
     "gguf-q4_1-file": ("course helper GGUFLinear, the GGUF file's own Q4_1 blocks", _gguf_file),
@@ -227,17 +231,28 @@ def measure_llama_cpp(folder: Path, args: argparse.Namespace) -> dict:
     prompt = batch.input_ids[0].tolist()
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     with torch.no_grad():
-        times = helper.time_variants({
-            "fp32": lambda: fp32.generate(**batch, **kwargs),
-            LLAMA_CPP: lambda: helper.llama_cpp_generate(llm, prompt, args.new_tokens),
-        }, repeats=args.repeats)
+        times = helper.time_variants(
+            {
+                "fp32": lambda: fp32.generate(**batch, **kwargs),
+                LLAMA_CPP: lambda: helper.llama_cpp_generate(llm, prompt, args.new_tokens),
+            },
+            repeats=args.repeats,
+        )
     speedup = helper.speedup(times, LLAMA_CPP, "fp32")
     return {
-        "method": LLAMA_CPP, "library": METHODS[LLAMA_CPP][0], "bytes": held, "reported_bytes": path.stat().st_size,
-        "perplexity": ppl, "perplexity_se": ppl_se,
+        "method": LLAMA_CPP,
+        "library": METHODS[LLAMA_CPP][0],
+        "bytes": held,
+        "reported_bytes": path.stat().st_size,
+        "perplexity": ppl,
+        "perplexity_se": ppl_se,
         "decode_tokens_per_s": args.new_tokens / statistics.median(times[LLAMA_CPP]),
-        "decode_speedup": speedup[0], "decode_speedup_low": speedup[1], "decode_speedup_high": speedup[2],
-        "load_quantize_s": load_s, "peak_rss_mb": peak_mb, "nll": [round(v, 5) for v in nll.tolist()],
+        "decode_speedup": speedup[0],
+        "decode_speedup_low": speedup[1],
+        "decode_speedup_high": speedup[2],
+        "load_quantize_s": load_s,
+        "peak_rss_mb": peak_mb,
+        "nll": [round(v, 5) for v in nll.tolist()],
     }
 
 
@@ -251,9 +266,23 @@ def run_isolated(method: str, folder: Path, args: argparse.Namespace) -> dict:
 
     Raises RuntimeError, whatever went wrong: a crash, a time-out, or output that is not a row.
     """
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--json",
-           "--model-dir", str(folder), "--ppl-tokens", str(args.ppl_tokens), "--window", str(args.window),
-           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--method",
+        method,
+        "--json",
+        "--model-dir",
+        str(folder),
+        "--ppl-tokens",
+        str(args.ppl_tokens),
+        "--window",
+        str(args.window),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeats",
+        str(args.repeats),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=METHOD_TIMEOUT_S)
     except subprocess.TimeoutExpired as error:
@@ -280,10 +309,17 @@ def build_tiny_model(target: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(helper.smollm2_dir())
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=8192, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=8192,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(target)
@@ -317,9 +353,11 @@ def simd_flags() -> str:
 def machine_line(model_name: str, load_avg: float) -> str:
     """One line saying what was measured, where, when, and how to regenerate it."""
     today = dt.datetime.now(dt.timezone.utc).date().isoformat()
-    return (f"{model_name} on {cpu_model()} ({simd_flags()}; torch kernels {helper.cpu_capability()}), "
-            f"{os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{today}, 1-min load average {load_avg:.1f} at start; regenerate: {REGENERATE}")
+    return (
+        f"{model_name} on {cpu_model()} ({simd_flags()}; torch kernels {helper.cpu_capability()}), "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{today}, 1-min load average {load_avg:.1f} at start; regenerate: {REGENERATE}"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -355,7 +393,8 @@ def write_nll(rows: list[dict], path: Path) -> None:
 def write_markdown(rows: list[dict], header: str, path: Path) -> None:
     """A markdown table of the same rows, under a line naming the machine."""
     lines = [
-        f"Measured: {header}", "",
+        f"Measured: {header}",
+        "",
         "| method | library | bytes held (MB) | ratio to fp32 | perplexity ± SE | decode tokens/s "
         "| decode speed-up vs fp32 (range) "
         "| load+quantize s | peak RSS MB |",
@@ -368,12 +407,15 @@ def write_markdown(rows: list[dict], header: str, path: Path) -> None:
             f"| {r['decode_speedup']:.2f} ({r['decode_speedup_low']:.2f}–{r['decode_speedup_high']:.2f}) "
             f"| {r['load_quantize_s']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
-    lines += ["", "Bytes held are counted by helper.model_size (integer data plus scales); "
-              "lm_head (tied to the embedding) stays in full precision in every PyTorch method (llama.cpp runs "
-              "the file as shipped: Q8_0 embedding and output layer). Perplexity: "
-              "4,096 tokens of helper.eval_text() in windows of 512, ± its standard error (per-token "
-              "NLLs in smollm2_cpu_nll.npz). Decode: median tokens/s of the timed rounds; speed-up: median "
-              "(lowest–highest) of the per-round ratios against an fp32 copy timed in the same process."]
+    lines += [
+        "",
+        "Bytes held are counted by helper.model_size (integer data plus scales); "
+        "lm_head (tied to the embedding) stays in full precision in every PyTorch method (llama.cpp runs "
+        "the file as shipped: Q8_0 embedding and output layer). Perplexity: "
+        "4,096 tokens of helper.eval_text() in windows of 512, ± its standard error (per-token "
+        "NLLs in smollm2_cpu_nll.npz). Decode: median tokens/s of the timed rounds; speed-up: median "
+        "(lowest–highest) of the per-round ratios against an fp32 copy timed in the same process.",
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -384,8 +426,13 @@ def write_markdown(rows: list[dict], header: str, path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                        help="subset of methods (fp32 is always added: it is the ratio's baseline)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="subset of methods (fp32 is always added: it is the ratio's baseline)",
+    )
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of eval_text scored for perplexity")
     parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window (context)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated for decode speed")

@@ -43,8 +43,9 @@ def main(paths: list[str]) -> int:
     print("|---|---|" + "---:|" * len(logs))
     for text in claims:
         first = next(log[text] for _, log in logs if text in log)
-        bounds = "true" if first["low"] is None and first["high"] is None else \
-            f"[{fmt(first['low']) if first['low'] is not None else '-inf'}, {fmt(first['high']) if first['high'] is not None else 'inf'}]"
+        low = "-inf" if first["low"] is None else fmt(first["low"])
+        high = "inf" if first["high"] is None else fmt(first["high"])
+        bounds = "true" if first["low"] is None and first["high"] is None else f"[{low}, {high}]"
         values = [fmt(log[text]["value"]) if text in log else "not run" for _, log in logs]
         print(f"| {text} | {bounds} | " + " | ".join(values) + " |")
     sys.path.insert(0, str(REPO / "tests"))

@@ -21,8 +21,11 @@ def test_versions_reports_what_is_installed(monkeypatch):
     found = helper.versions()
     assert found and all(found[name] == metadata.version(name) for name in found)
     real = metadata.version
-    monkeypatch.setattr(metadata, "version", lambda name: real(name) if name != "torchao" else
-                        (_ for _ in ()).throw(metadata.PackageNotFoundError(name)))
+    monkeypatch.setattr(
+        metadata,
+        "version",
+        lambda name: real(name) if name != "torchao" else (_ for _ in ()).throw(metadata.PackageNotFoundError(name)),
+    )
     assert helper.versions()["torchao"] == "not installed"
 
 
@@ -74,8 +77,19 @@ def test_building_a_dummy_model_leaves_the_global_generator_alone():
     assert torch.allclose(logits, torch.tensor([-0.6872, 0.7132]), atol=1e-4)
 
 
-@pytest.mark.parametrize("value, offline", [("1", True), ("TRUE", True), ("yes", True), ("on", True),
-                                            ("0", False), ("", False), ("false", False), ("off", False)])
+@pytest.mark.parametrize(
+    "value, offline",
+    [
+        ("1", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("on", True),
+        ("0", False),
+        ("", False),
+        ("false", False),
+        ("off", False),
+    ],
+)
 def test_hf_hub_offline_is_parsed_as_huggingface_hub_does(monkeypatch, value, offline):
     import socket
 

@@ -31,13 +31,20 @@ def test_smollm2_perplexity_is_that_of_a_trained_model(smollm2):
 
 def test_minilm_embeddings_rank_paraphrases_above_unrelated():
     model, tokenizer = helper.load_minilm()
-    emb = helper.sentence_embeddings(model, tokenizer, ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."])
+    emb = helper.sentence_embeddings(
+        model,
+        tokenizer,
+        ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."],
+    )
     assert emb.shape == (3, 384)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert emb[0] @ emb[1] > 0.5 > emb[0] @ emb[2]
 
 
-@pytest.mark.parametrize("photo, accepted", [("chelsea_cat.jpg", {"tabby", "tiger cat", "Egyptian cat"}), ("coffee.jpg", {"espresso", "cup", "coffee mug"})])
+@pytest.mark.parametrize(
+    "photo, accepted",
+    [("chelsea_cat.jpg", {"tabby", "tiger cat", "Egyptian cat"}), ("coffee.jpg", {"espresso", "cup", "coffee mug"})],
+)
 def test_efficientnet_recognises_the_shipped_photos(photo, accepted):
     model = helper.load_efficientnet_lite0()
     top = helper.classify(model, helper.load_image(helper.asset_path(photo)), k=1)

@@ -4,8 +4,8 @@ These checks read the stored notebooks (nbval re-executes them separately).
 """
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import nbformat
 import pytest
@@ -77,7 +77,8 @@ def test_every_ignored_output_says_why_on_the_next_line(path):
             reason = lines[at + 1].strip() if at + 1 < len(lines) else ""
             words = reason.lstrip("#").strip().split()
             assert reason.startswith("#") and len(words) >= 4, (
-                f"the line after NBVAL_IGNORE_OUTPUT must be a comment that says why: {cell.source[:120]!r}")
+                f"the line after NBVAL_IGNORE_OUTPUT must be a comment that says why: {cell.source[:120]!r}"
+            )
 
 
 def output_checks(path) -> tuple[int, int, int]:

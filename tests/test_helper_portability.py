@@ -10,8 +10,12 @@ import torch
 
 import helper
 
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-        "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+AVX2 = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+}
 PROBE = """
 import json, torch, helper, bitsandbytes.functional as F
 g = torch.Generator().manual_seed(0)
@@ -24,8 +28,15 @@ print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
 
 def _probe(env: dict) -> dict:
     clean = {k: v for k, v in os.environ.items() if k not in AVX2}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True,
-                         text=True, timeout=300, cwd=helper.REPO_DIR, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=helper.REPO_DIR,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -14,9 +14,18 @@ import helper
 @pytest.mark.parametrize(
     "dtype, expected",
     [
-        (torch.float64, 8), (torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2),
-        (torch.float8_e4m3fn, 1), (torch.int8, 1), (torch.uint8, 1), (torch.bool, 1),
-        (torch.uint4, 0.5), (torch.int4, 0.5), (torch.uint2, 0.25), (torch.uint1, 0.125),
+        (torch.float64, 8),
+        (torch.float32, 4),
+        (torch.bfloat16, 2),
+        (torch.float16, 2),
+        (torch.float8_e4m3fn, 1),
+        (torch.int8, 1),
+        (torch.uint8, 1),
+        (torch.bool, 1),
+        (torch.uint4, 0.5),
+        (torch.int4, 0.5),
+        (torch.uint2, 0.25),
+        (torch.uint1, 0.125),
     ],
 )
 def test_dtype_byte_size(dtype, expected):
@@ -96,7 +105,6 @@ def test_quanto_int4_linear_counts_packed_nibbles_scales_and_shifts():
     groups = 32 * 256 // 128  # quanto's default group size is 128
     packed, scales, shifts, bias, io_scales = 32 * 256 // 2, groups * 4, groups * 4, 32 * 4, 2 * 4
     assert helper.model_size(model) == packed + scales + shifts + bias + io_scales
-
 
 
 def test_one_walk_counts_every_packed_weight_of_a_deep_torch_ao_model():

@@ -7,8 +7,7 @@ import helper
 
 def test_rounds_are_interleaved_after_warmup():
     calls = []
-    times = helper.time_variants({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                 repeats=3, warmup=1)
+    times = helper.time_variants({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4
     assert {name: len(s) for name, s in times.items()} == {"a": 3, "b": 3}
 
@@ -18,11 +17,14 @@ def test_speedup_uses_paired_rounds():
     assert helper.speedup(times, "fast", "base") == (2.0, 2.0, 4.0)
 
 
-@pytest.mark.parametrize("fast, expected", [
-    ([1.0, 1.0, 1.0], "2.00x faster than base (spread 2.00–2.00)"),
-    ([4.0, 4.0, 5.0], "2.00x slower than base (spread 0.40–0.50)"),
-    ([1.9, 2.1, 2.0], "about as fast as base (spread 0.95–1.05)"),
-])
+@pytest.mark.parametrize(
+    "fast, expected",
+    [
+        ([1.0, 1.0, 1.0], "2.00x faster than base (spread 2.00–2.00)"),
+        ([4.0, 4.0, 5.0], "2.00x slower than base (spread 0.40–0.50)"),
+        ([1.9, 2.1, 2.0], "about as fast as base (spread 0.95–1.05)"),
+    ],
+)
 def test_speed_verdict_names_a_direction_only_when_every_round_agrees(fast, expected):
     assert helper.speed_verdict({"base": [2.0, 2.0, 2.0], "v": fast}, "v", "base") == expected
 

@@ -12,8 +12,8 @@ import helper
         (1.0, torch.float32, ("0", "01111111", "0" * 23)),
         (-2.0, torch.bfloat16, ("1", "10000000", "0000000")),
         (-6.5, torch.float16, ("1", "10001", "1010000000")),  # -1.625 * 2**2
-        (0.1, torch.float16, ("0", "01011", "1001100110")),   # rounded to nearest, 0x2E66
-        (448.0, torch.float8_e4m3fn, ("0", "1111", "110")),   # e4m3fn's largest finite value
+        (0.1, torch.float16, ("0", "01011", "1001100110")),  # rounded to nearest, 0x2E66
+        (448.0, torch.float8_e4m3fn, ("0", "1111", "110")),  # e4m3fn's largest finite value
         (float("inf"), torch.float16, ("0", "11111", "0000000000")),
         (-0.0, torch.float64, ("1", "0" * 11, "0" * 52)),
     ],

@@ -119,16 +119,19 @@ def test_gguf_linear_matches_dequantized_weights_and_counts_its_bytes():
     assert torch.equal(layer(x), torch.nn.functional.linear(x, w, lin.bias))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: helper.gguf_quantize(torch.ones(3, 30), "Q4_1"), "multiple of 32"),
-    (lambda: helper.gguf_quantize(torch.ones(1, 32), "Q5_0"), "unknown GGUF format"),
-    (lambda: helper.gguf_quantize(torch.ones(1, 256), "Q4_K"), "dequantize-only"),
-    (lambda: helper.gguf_quantize(torch.tensor([[float("nan")] * 32]), "Q8_0"), "nan or inf"),
-    (lambda: helper.gguf_dequantize(torch.zeros(1, 21, dtype=torch.uint8), "Q4_1"), "multiple of 20 bytes"),
-    (lambda: helper.gguf_dequantize(torch.zeros(1, 20), "Q4_1"), "uint8"),
-    (lambda: helper.blockwise_minmax_rtn(torch.ones(3, 48), 32), "dividing the 144 weights"),
-    (lambda: helper.GGUFLinear(torch.zeros(4, 19, dtype=torch.uint8), "Q4_1", 32), "must be uint8"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: helper.gguf_quantize(torch.ones(3, 30), "Q4_1"), "multiple of 32"),
+        (lambda: helper.gguf_quantize(torch.ones(1, 32), "Q5_0"), "unknown GGUF format"),
+        (lambda: helper.gguf_quantize(torch.ones(1, 256), "Q4_K"), "dequantize-only"),
+        (lambda: helper.gguf_quantize(torch.tensor([[float("nan")] * 32]), "Q8_0"), "nan or inf"),
+        (lambda: helper.gguf_dequantize(torch.zeros(1, 21, dtype=torch.uint8), "Q4_1"), "multiple of 20 bytes"),
+        (lambda: helper.gguf_dequantize(torch.zeros(1, 20), "Q4_1"), "uint8"),
+        (lambda: helper.blockwise_minmax_rtn(torch.ones(3, 48), 32), "dividing the 144 weights"),
+        (lambda: helper.GGUFLinear(torch.zeros(4, 19, dtype=torch.uint8), "Q4_1", 32), "must be uint8"),
+    ],
+)
 def test_bad_input_is_refused_clearly(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from optimum.quanto import freeze, qint4, qint8, quantize
 from torch import nn
 
 import helper
-from optimum.quanto import freeze, qint4, qint8, quantize
 
 
 def _quantized(module: nn.Module, qtype) -> nn.Module:
@@ -54,7 +54,10 @@ def test_breakdown_of_int8_linear():
 def test_breakdown_of_plain_model_and_bad_input():
     model = _linear(3, 2)
     assert helper.quanto_size_breakdown(model) == {
-        "integer data": 0, "scales and shifts": 0, "unquantized tensors": (3 * 2 + 2) * 4}
+        "integer data": 0,
+        "scales and shifts": 0,
+        "unquantized tensors": (3 * 2 + 2) * 4,
+    }
     with pytest.raises(TypeError, match="nn.Module"):
         helper.quanto_size_breakdown(torch.zeros(3))
 
@@ -62,8 +65,15 @@ def test_breakdown_of_plain_model_and_bad_input():
 def test_get_memory_footprint_overstates_quanto_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     fp32_footprint = model.get_memory_footprint()

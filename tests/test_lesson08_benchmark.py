@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+import helper
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "compare_methods.py"
-import helper
 
 
 def read_results(path: Path) -> tuple[str, list[dict]]:
@@ -24,8 +25,24 @@ def read_results(path: Path) -> tuple[str, list[dict]]:
 def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """Run the script once with --tiny on three cheap methods (bf16 listed before fp32 on purpose)."""
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--methods", "bf16", "w8a16-scratch",
-           "--ppl-tokens", "64", "--window", "32", "--new-tokens", "2", "--repeats", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--tiny",
+        "--methods",
+        "bf16",
+        "w8a16-scratch",
+        "--ppl-tokens",
+        "64",
+        "--window",
+        "32",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "2",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,6 +94,7 @@ def test_markdown_table_matches_csv(tiny_run):
 
 
 def test_unknown_method_is_rejected():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--methods", "int3-magic"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--methods", "int3-magic"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -22,8 +22,11 @@ LESSON_METHODS = {
     "02_loading_models_in_dtypes": {"bf16": "bf16", "fp16": "fp16"},
     "03_linear_quantization_from_scratch": {"W8A16": "w8a16-scratch"},
     "05_quantization_with_quanto": {"int8": "quanto-int8"},
-    "06_dynamic_quantization": {"torch.ao dynamic": "torch.ao-dynamic-int8", "torchao dynamic": "torchao-int8-dynamic",
-                                "torchao weight-only": "torchao-int8-weight-only"},
+    "06_dynamic_quantization": {
+        "torch.ao dynamic": "torch.ao-dynamic-int8",
+        "torchao dynamic": "torchao-int8-dynamic",
+        "torchao weight-only": "torchao-int8-weight-only",
+    },
     "07_bitsandbytes": {"bnb 8-bit": "bnb-int8", "NF4": "bnb-nf4"},
 }
 LINE = re.compile(
@@ -56,7 +59,8 @@ def test_lesson_speedups_agree_with_the_capstone(stem):
         low, high = stored[name]
         t_low, t_high = table_range(method, rows)
         assert low <= t_high and t_low <= high, (
-            f"{stem}: {name} speed-up over fp32 {low:.2f}–{high:.2f}, capstone {method} {t_low:.2f}–{t_high:.2f}")
+            f"{stem}: {name} speed-up over fp32 {low:.2f}–{high:.2f}, capstone {method} {t_low:.2f}–{t_high:.2f}"
+        )
 
 
 def test_the_parser_reads_what_print_decode_speeds_prints(capsys):
