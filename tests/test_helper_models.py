@@ -51,6 +51,7 @@ def test_efficientnet_recognises_the_shipped_photos(photo, accepted):
     assert top[0][0] in accepted
 
 
+@pytest.mark.slow
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
     good = helper.smollm2_dir()
     broken = tmp_path / good.name

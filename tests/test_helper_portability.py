@@ -51,6 +51,7 @@ def probes():
     return _probe({}), _probe(AVX2)
 
 
+@pytest.mark.slow
 def test_forcing_avx2_changes_the_kernels(probes):
     native, forced = probes
     assert forced["capability"] == "AVX2"

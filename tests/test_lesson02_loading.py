@@ -70,6 +70,7 @@ def test_default_dtype_restores_when_the_block_raises():
 # --- fresh_process_peak_mb ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fresh_process_peak_sees_the_child_allocation():
     idle = helper.fresh_process_peak_mb("pass")
     busy = helper.fresh_process_peak_mb("data = b'x' * 200_000_000")  # touches 200 MB
@@ -77,6 +78,7 @@ def test_fresh_process_peak_sees_the_child_allocation():
     assert 180 < busy - idle < 260
 
 
+@pytest.mark.slow
 def test_fresh_process_peak_does_not_inherit_the_parent_size():
     ballast = b"y" * 800_000_000  # the parent holds 800 MB: ru_maxrss would leak it to the child
     assert helper.peak_rss_mb() > 800

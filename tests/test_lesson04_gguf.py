@@ -142,6 +142,7 @@ def test_integer_weights_are_refused():
         helper.gguf_quantize(torch.ones(1, 32, dtype=torch.int32), "Q8_0")
 
 
+@pytest.mark.slow
 def test_every_tensor_of_the_packaged_file_round_trips():
     """All 272 tensors: dequantized (mine) == the course's cached model weights, and mine == gguf-py."""
     tensors = helper.read_gguf_tensors()

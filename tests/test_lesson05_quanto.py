@@ -84,6 +84,7 @@ def test_get_memory_footprint_overstates_quanto_model():
     assert helper.model_size(model) < 0.4 * model.get_memory_footprint()
 
 
+@pytest.mark.slow
 def test_flan_t5_small_int8_matches_course_figure():
     from transformers import T5Config, T5ForConditionalGeneration
 

@@ -14,6 +14,7 @@ import helper
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "compare_methods.py"
+pytestmark = pytest.mark.slow  # every test here reads one run of the script in fresh processes
 
 
 def read_results(path: Path) -> tuple[str, list[dict]]:
