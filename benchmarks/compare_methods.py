@@ -8,7 +8,7 @@ protocol (helper.decode_timings: a warm-up, then --repeats rounds interleaved wi
 the model in the same process; the median tokens/s and the median and range of the per-round
 speed-ups over fp32, exactly what the lessons print), the load+quantize time and the process's
 peak resident memory (taken before the fp32 copy is loaded). Every method runs in a fresh
-subprocess (this script re-invoked with --method NAME --json) so that peak RSS is per method.
+subprocess (this script re-invoked with --method NAME, printing one JSON row) so that peak RSS is per method.
 
 Usage:
     python benchmarks/compare_methods.py                       # all methods -> benchmarks/results/
@@ -271,7 +271,6 @@ def run_isolated(method: str, folder: Path, args: argparse.Namespace) -> dict:
         str(Path(__file__).resolve()),
         "--method",
         method,
-        "--json",
         "--model-dir",
         str(folder),
         "--ppl-tokens",
@@ -287,6 +286,8 @@ def run_isolated(method: str, folder: Path, args: argparse.Namespace) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=METHOD_TIMEOUT_S)
     except subprocess.TimeoutExpired as error:
         raise RuntimeError(f"method {method!r} did not finish within {METHOD_TIMEOUT_S} s") from error
+    except OSError as error:  # the child could not even start
+        raise RuntimeError(f"method {method!r} could not start a Python process: {error}") from error
     if proc.returncode != 0:
         raise RuntimeError(f"method {method!r} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     try:
@@ -440,7 +441,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the CSV and markdown")
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2 (fast; tests)")
     parser.add_argument("--method", choices=list(METHODS), help=argparse.SUPPRESS)  # child mode
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.window < 2 or args.ppl_tokens < args.window or args.ppl_tokens % args.window:
@@ -454,10 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.method:  # child: one method, one JSON line on stdout
         row = measure(args.method, args.model_dir or helper.smollm2_dir(), args)
-        if args.json:
-            print(json.dumps(row))
-        else:
-            print(row)
+        print(json.dumps(row))
         return 0
 
     from tqdm.auto import tqdm

@@ -1,6 +1,7 @@
 """Perplexity with a standard error, paired comparisons, and the benchmark reader (Lesson 8)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -51,3 +52,43 @@ def test_read_benchmark_reads_the_committed_table_and_refuses_others(tmp_path):
     (tmp_path / "none.csv").write_text("method,bytes\n")
     with pytest.raises(ValueError, match="machine"):
         helper.read_benchmark(tmp_path / "none.csv")
+
+
+def _compare_methods():
+    import importlib.util
+
+    path = helper.REPO_DIR / "benchmarks" / "compare_methods.py"
+    spec = importlib.util.spec_from_file_location("compare_methods", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "outcome, message",
+    [
+        ("timeout", "did not finish"),
+        ("oserror", "could not start"),
+        ("exit", "failed (exit 3)"),
+        ("no row", "printed no result row"),
+        ("bad row", "unexpected row"),
+    ],
+)
+def test_run_isolated_turns_every_failure_into_one_clear_error(monkeypatch, tmp_path, outcome, message):
+    import subprocess
+    from types import SimpleNamespace
+
+    cm = _compare_methods()
+
+    def fake_run(cmd, **kwargs):
+        if outcome == "timeout":
+            raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+        if outcome == "oserror":
+            raise OSError("no such interpreter")
+        stdout = {"exit": "", "no row": "", "bad row": '{"method": "x"}'}[outcome]
+        return SimpleNamespace(returncode=3 if outcome == "exit" else 0, stdout=stdout, stderr="boom")
+
+    monkeypatch.setattr(cm.subprocess, "run", fake_run)
+    args = cm.parse_args(["--methods", "fp32"])
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        cm.run_isolated("fp32", tmp_path, args)
