@@ -920,12 +920,20 @@ def decode_timings(
     new_tokens: int = 32,
     repeats: int = TIMING_REPEATS,
 ) -> dict[str, list[float]]:
-    """Seconds to greedily generate exactly `new_tokens` tokens after `prompt`, per model (interleaved)."""
+    """Seconds to greedily generate exactly `new_tokens` tokens after `prompt`, per model (interleaved).
+
+    A model is a transformers model or a llama.cpp model from `load_llama_cpp` (Lesson 4), which
+    gets the same prompt tokens.
+    """
     batch = tokenizer(prompt, return_tensors="pt")
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
     def run(model):
-        return lambda: model.generate(**batch, **kwargs)
+        if isinstance(model, nn.Module):
+            return lambda: model.generate(**batch, **kwargs)
+        if callable(getattr(model, "generate", None)) and hasattr(model, "n_ctx"):  # llama_cpp.Llama
+            return lambda: llama_cpp_generate(model, batch.input_ids[0].tolist(), new_tokens)
+        raise TypeError(f"decode_timings: {type(model).__name__} is neither a transformers nor a llama.cpp model")
 
     with torch.no_grad():
         return time_variants({name: run(model) for name, model in models.items()}, repeats=repeats)

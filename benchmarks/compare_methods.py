@@ -177,27 +177,11 @@ def measure(method: str, folder: Path, args: argparse.Namespace) -> dict:
     # repacks its weight and casts absmax to bf16), Lesson 7 shows it
     held, reported = helper.model_size(model), model.get_memory_footprint()
     nll = helper.token_nll(model, tokenizer, n_tokens=args.ppl_tokens, window=args.window)
-    ppl, ppl_se = helper.perplexity_with_error(nll)
     peak_mb = helper.peak_rss_mb()  # this method's own peak: before the fp32 reference is loaded
     # decode speed by the lessons' protocol: interleaved rounds against an fp32 copy in this process
     models = {method: model} if method == "fp32" else {"fp32": loader_fp32(folder), method: model}
     times = helper.decode_timings(models, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats)
-    speedup = (1.0, 1.0, 1.0) if method == "fp32" else helper.speedup(times, method, "fp32")
-    row = {
-        "method": method,
-        "library": library,
-        "bytes": held,
-        "reported_bytes": reported,
-        "perplexity": ppl,
-        "perplexity_se": ppl_se,
-        "decode_tokens_per_s": args.new_tokens / statistics.median(times[method]),
-        "decode_speedup": speedup[0],
-        "decode_speedup_low": speedup[1],
-        "decode_speedup_high": speedup[2],
-        "load_quantize_s": load_s,
-        "peak_rss_mb": peak_mb,
-        "nll": [round(v, 5) for v in nll.tolist()],
-    }
+    row = make_row(method, library, held, reported, nll, times, load_s, peak_mb, args.new_tokens)
     del model, models
     gc.collect()
     return row
@@ -224,29 +208,26 @@ def measure_llama_cpp(folder: Path, args: argparse.Namespace) -> dict:
     held = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
     ids = tokenizer(helper.eval_text(), return_tensors="pt").input_ids[0]
     nll = helper.llama_cpp_token_nll(llm, ids, n_tokens=args.ppl_tokens, window=args.window)
-    ppl, ppl_se = helper.perplexity_with_error(nll)
     peak_mb = helper.peak_rss_mb()
-    fp32 = loader_fp32(folder)
-    batch = tokenizer("The history of", return_tensors="pt")
-    prompt = batch.input_ids[0].tolist()
-    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    with torch.no_grad():
-        times = helper.time_variants(
-            {
-                "fp32": lambda: fp32.generate(**batch, **kwargs),
-                LLAMA_CPP: lambda: helper.llama_cpp_generate(llm, prompt, args.new_tokens),
-            },
-            repeats=args.repeats,
-        )
-    speedup = helper.speedup(times, LLAMA_CPP, "fp32")
+    models = {"fp32": loader_fp32(folder), LLAMA_CPP: llm}
+    times = helper.decode_timings(models, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats)
+    return make_row(
+        LLAMA_CPP, METHODS[LLAMA_CPP][0], held, path.stat().st_size, nll, times, load_s, peak_mb, args.new_tokens
+    )
+
+
+def make_row(method, library, held, reported, nll, times, load_s, peak_mb, new_tokens) -> dict:
+    """One result row (the columns of helper.BENCHMARK_COLUMNS, but the ratio, plus the per-token NLLs)."""
+    ppl, ppl_se = helper.perplexity_with_error(nll)
+    speedup = (1.0, 1.0, 1.0) if method == "fp32" else helper.speedup(times, method, "fp32")
     return {
-        "method": LLAMA_CPP,
-        "library": METHODS[LLAMA_CPP][0],
+        "method": method,
+        "library": library,
         "bytes": held,
-        "reported_bytes": path.stat().st_size,
+        "reported_bytes": reported,
         "perplexity": ppl,
         "perplexity_se": ppl_se,
-        "decode_tokens_per_s": args.new_tokens / statistics.median(times[LLAMA_CPP]),
+        "decode_tokens_per_s": new_tokens / statistics.median(times[method]),
         "decode_speedup": speedup[0],
         "decode_speedup_low": speedup[1],
         "decode_speedup_high": speedup[2],

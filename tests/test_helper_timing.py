@@ -60,3 +60,12 @@ def test_sanitizer_blanks_exactly_the_protocol_formats():
     b = "decode bf16 9.1 tokens/s (spread 8.0–10.3)  about as fast as fp32 (spread 0.90–1.10)"
     assert sanitize(a) == sanitize(b)
     assert sanitize("perplexity 14.81") == "perplexity 14.81"  # numbers without a unit stay checked
+
+
+def test_decode_timings_refuses_what_it_cannot_run():
+    class Tok:
+        def __call__(self, text, return_tensors="pt"):
+            return {"input_ids": [[1, 2]]}
+
+    with pytest.raises(TypeError, match="neither a transformers nor a llama.cpp model"):
+        helper.decode_timings({"mystery": object()}, Tok())

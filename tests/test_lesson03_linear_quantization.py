@@ -116,29 +116,22 @@ def test_bf16_input_is_accepted():
     assert torch.equal(helper.linear_quantize(x, scale, zero_point, 2), torch.tensor([-2, -1, 0, 1], dtype=torch.int8))
 
 
-@pytest.mark.parametrize(
-    "fn",
-    [
-        lambda t: helper.linear_q_params(t),
-        lambda t: helper.linear_quantize(t, 1.0, 0),
-        lambda t: helper.quantize_per_channel(t),
-        lambda t: helper.quantize_per_group(t, 2),
-    ],
-)
+# every entry point of the from-scratch quantizer, for the bad-input tests
+QUANTIZERS = [
+    lambda t: helper.linear_q_params(t),
+    lambda t: helper.linear_quantize(t, 1.0, 0),
+    lambda t: helper.quantize_per_channel(t),
+    lambda t: helper.quantize_per_group(t, 2),
+]
+
+
+@pytest.mark.parametrize("fn", QUANTIZERS)
 def test_empty_tensor_raises_value_error(fn):
     with pytest.raises(ValueError, match="empty"):
         fn(torch.empty(0, 4))
 
 
-@pytest.mark.parametrize(
-    "fn",
-    [
-        lambda t: helper.linear_q_params(t),
-        lambda t: helper.linear_quantize(t, 1.0, 0),
-        lambda t: helper.quantize_per_channel(t),
-        lambda t: helper.quantize_per_group(t, 2),
-    ],
-)
+@pytest.mark.parametrize("fn", QUANTIZERS)
 def test_integer_tensor_raises_type_error(fn):
     with pytest.raises(TypeError, match="floating"):
         fn(torch.ones(2, 4, dtype=torch.int32))
