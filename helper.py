@@ -21,7 +21,11 @@ Contents
     5  optimum-quanto: quanto_size_breakdown
     6  dynamic quantization: count_modules, logits_diff, activation_absmax
     7  bitsandbytes: bnb_quantize_linear
-    8  the capstone benchmark: token_nll, perplexity_with_error, paired_nll_difference,
+    8  outliers and 8-bit activations: calibration_text, the integer matmul (int8_matmul,
+       w8a8_linear, W8A8Linear), LLM.int8() (llm_int8_matmul), SmoothQuant (smooth_llama)
+    9  calibrated 4-bit: GroupQuant, rtn_quantize, gptq_quantize, awq_search_scale, nf4_levels,
+       GroupQuantLinear, quantize_llama_4bit
+    10 the capstone benchmark: token_nll, perplexity_with_error, paired_nll_difference,
        read_benchmark
 """
 
@@ -109,8 +113,6 @@ ASSETS_DIR = REPO_DIR / "assets"
 
 
 HUB_SWITCH = "QUANT_COURSE_USE_HUB"
-
-
 """Set this environment variable to 1 to use the original course's Hub models."""
 
 
@@ -515,6 +517,7 @@ def malloc_trim() -> bool:
 
 
 CLAIMS_LOG = "QUANT_COURSE_CLAIMS_LOG"
+"""If set to a file path, every `claim` appends a JSON line (text, value, bounds, CPU) to it."""
 
 
 def cpu_capability() -> str:
@@ -848,8 +851,6 @@ def perplexity(model, tokenizer, text: str | None = None, max_tokens: int = 512)
 
 
 TIMING_REPEATS = 3
-
-
 """Timed rounds per comparison in the lessons (the benchmark uses more)."""
 
 
@@ -947,17 +948,12 @@ def print_decode_speeds(times: dict[str, list[float]], baseline: str, new_tokens
         print(f"decode {name:<{width}} {format_rate(new_tokens, seconds, 'tokens/s')}{verdict}")
 
 
-"""If set to a file path, every `claim` appends a JSON line (text, value, bounds, CPU) to it."""
-
-
 # ---------------------------------------------------------------------------
 # Lesson 3: linear quantization from scratch (notebooks/03_linear_quantization_from_scratch.ipynb)
 # ---------------------------------------------------------------------------
 
 
 PACK_BITS = (1, 2, 4)
-
-
 """Bit widths `pack_weights` can pack into uint8 (they divide 8)."""
 
 
@@ -1638,9 +1634,18 @@ def logits_diff(model_a: nn.Module, model_b: nn.Module, input_ids: torch.Tensor)
 
 
 def activation_absmax(
-    model: nn.Module, tokenizer, text: str | None = None, module_filter=None, max_tokens: int = 512
+    model: nn.Module,
+    tokenizer,
+    text: str | None = None,
+    module_filter=None,
+    max_tokens: int = 512,
+    ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |activation| entering each selected module (default: every nn.Linear)."""
+    """Per-input-channel max |activation| entering each selected module (default: every nn.Linear).
+
+    The model reads the first `max_tokens` tokens of `text` (default eval_text), or else `ids`
+    (batch, tokens), one row at a time (Lesson 8 calibrates on calibration_ids).
+    """
     keep = module_filter or (lambda name, module: isinstance(module, nn.Linear))
     absmax: dict[str, torch.Tensor] = {}
 
@@ -1655,10 +1660,12 @@ def activation_absmax(
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if keep(n, m)]
     if not handles:
         raise ValueError("activation_absmax: module_filter selected no module")
-    ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[:, :max_tokens]
+    if ids is None:
+        ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[:, :max_tokens]
     try:
         with torch.no_grad():
-            model(input_ids=ids)
+            for row in ids:
+                model(input_ids=row.unsqueeze(0))
     finally:
         for handle in handles:
             handle.remove()
@@ -1673,20 +1680,31 @@ def activation_absmax(
 BNB_MODES = ("int8", "nf4", "fp4")
 
 
-def bnb_quantize_linear(linear: nn.Linear, mode: str = "nf4", double_quant: bool = False) -> nn.Module:
-    """A bitsandbytes copy of `linear` on the CPU: Linear8bitLt ("int8") or Linear4bit ("nf4", "fp4")."""
+def bnb_quantize_linear(
+    linear: nn.Linear, mode: str = "nf4", double_quant: bool = False, threshold: float = 0.0
+) -> nn.Module:
+    """A bitsandbytes copy of `linear` on the CPU, in eval mode: Linear8bitLt ("int8", with LLM.int8()'s
+    outlier `threshold`; 0 = no decomposition) or Linear4bit ("nf4", "fp4").
+
+    Eval mode matters: in training mode bitsandbytes' CPU path dequantizes the int8 weight and
+    multiplies in floating point, so the activations are never quantized.
+    """
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"bnb_quantize_linear expects an nn.Linear, got {type(linear).__name__}")
     if mode not in BNB_MODES:
         raise ValueError(f"mode must be one of {BNB_MODES}, got {mode!r}")
     if double_quant and mode == "int8":
         raise ValueError("double quantization exists only for the 4-bit modes")
+    if threshold and mode != "int8":
+        raise ValueError("an outlier threshold exists only for LLM.int8() (mode 'int8')")
     import bitsandbytes as bnb
 
     weight = linear.weight.detach().float().clone()
     has_bias = linear.bias is not None
     if mode == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=threshold
+        )
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(
@@ -1700,11 +1718,700 @@ def bnb_quantize_linear(linear: nn.Linear, mode: str = "nf4", double_quant: bool
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double_quant, quant_type=mode)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
-    return layer.to("cpu")  # moving bitsandbytes weights to a device is what quantizes them
+    return layer.to("cpu").eval()  # moving bitsandbytes weights to a device is what quantizes them
 
 
 # ---------------------------------------------------------------------------
-# Lesson 8: the capstone benchmark (notebooks/08_capstone_comparison.ipynb)
+# Lesson 8: outliers and 8-bit activations (notebooks/08_outliers_and_w8a8.ipynb)
+# ---------------------------------------------------------------------------
+
+
+def calibration_text() -> str:
+    """Text for calibration, disjoint from eval_text: the Python 3.11 docs' "Compound statements".
+
+    Shipped in assets/ (like eval_text, so every Python version reads the same characters).
+    Every calibrated method (SmoothQuant, GPTQ, AWQ) computes its statistics on it, never on the
+    text its perplexity is measured on.
+    """
+    return (ASSETS_DIR / "calibration_text.txt").read_text()
+
+
+def calibration_ids(tokenizer, n_tokens: int = 2048, seq_len: int = 512) -> torch.Tensor:
+    """(n_tokens // seq_len, seq_len) token ids: consecutive windows of calibration_text()."""
+    if seq_len < 1 or n_tokens < seq_len or n_tokens % seq_len:
+        raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of seq_len ({seq_len})")
+    ids = tokenizer(calibration_text(), return_tensors="pt").input_ids[0]
+    if ids.numel() < n_tokens:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens; {n_tokens} were asked for")
+    return ids[:n_tokens].reshape(-1, seq_len)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once every layer of interest has seen its input."""
+
+
+def run_with_input_hooks(model: nn.Module, ids: torch.Tensor, names: list[str], consume, skip_first: int = 0) -> None:
+    """Run `model` on each row of `ids` (batch, tokens) and call consume(name, x) with the input
+    x (tokens, in_features) of every named nn.Linear.
+
+    `skip_first` drops the first tokens of every row: the first token of a sequence carries
+    "massive activations" (hundreds of times the others' size, Lesson 8) that would dominate
+    statistics meant for ordinary tokens. The forward pass stops after the last named layer
+    (later layers would compute nothing that is used).
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
+    if missing or not names:
+        raise ValueError(f"run_with_input_hooks: not nn.Linear layers of the model: {missing[:3] or names}")
+    if ids.dim() != 2 or ids.shape[1] <= skip_first:
+        raise ValueError(f"ids must be (batch, tokens) with more than skip_first={skip_first} tokens")
+    seen: set[str] = set()
+
+    def hook(name):
+        def record(module, args):
+            consume(name, args[0].detach()[:, skip_first:].reshape(-1, args[0].shape[-1]))
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _StopForward
+
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for row in ids:
+                seen.clear()
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=row.unsqueeze(0))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def linear_inputs(
+    model: nn.Module, ids: torch.Tensor, names: list[str], max_rows: int | None = None, skip_first: int = 0
+) -> dict[str, torch.Tensor]:
+    """The inputs (tokens, in_features), fp32, that reach each named nn.Linear while `model` reads `ids`.
+
+    `max_rows` keeps an evenly spaced sample of the tokens per layer (memory: tokens x
+    in_features x 4 bytes per layer); `skip_first` as in run_with_input_hooks.
+    """
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    per_row = None if max_rows is None else -(-max_rows // ids.shape[0])  # sample each row as it arrives
+
+    def keep(name, x):
+        if per_row is not None and x.shape[0] > per_row:
+            x = x[torch.linspace(0, x.shape[0] - 1, per_row).long()]
+        rows[name].append(x.float())
+
+    run_with_input_hooks(model, ids, names, keep, skip_first)
+    out = {}
+    for name, parts in rows.items():
+        x = torch.cat(parts)  # (tokens, in_features)
+        if max_rows is not None and x.shape[0] > max_rows:
+            x = x[torch.linspace(0, x.shape[0] - 1, max_rows).long()]
+        out[name] = x
+    return out
+
+
+def quantize_rows_absmax(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int quantization: (q int8 (rows, cols), scale (rows, 1)); x ~ q * scale.
+
+    For activations a row is a token ("per token"); for a weight (out, in) a row is an output
+    channel ("per channel"). An all-zero row gets scale 1 (q = 0).
+    """
+    _check_float(x, "quantize_rows_absmax")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows_absmax expects a 2-D tensor, got shape {tuple(x.shape)}")
+    qmax = int_range(bits)[1]
+    absmax = x.abs().amax(dim=1, keepdim=True).float()
+    scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+    q = torch.clamp(torch.round(x.float() / scale), -qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def quantize_rows_asymmetric(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-row quantization to unsigned ints: (q uint8, scale (rows, 1), zero point (rows, 1)).
+
+    x ~ (q - zero) * scale, with q in [0, 2**bits - 1] and the row's [min, max] (widened to
+    contain 0, so that 0 is exact) mapped onto it.
+    """
+    _check_float(x, "quantize_rows_asymmetric")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows_asymmetric expects a 2-D tensor, got shape {tuple(x.shape)}")
+    qmax = 2**bits - 1
+    low = x.amin(dim=1, keepdim=True).float().clamp(max=0)
+    high = x.amax(dim=1, keepdim=True).float().clamp(min=0)
+    scale = torch.where(high > low, (high - low) / qmax, torch.ones_like(high))
+    zero = torch.round(-low / scale)
+    q = torch.clamp(torch.round(x.float() / scale) + zero, 0, qmax).to(torch.uint8)
+    return q, scale, zero.to(torch.int32)
+
+
+def int8_matmul(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """Exact integer product qx @ qw.T: (tokens, in) x (out, in) -> (tokens, out) in int32.
+
+    This is what an int8 GEMM computes (int8 x int8 products summed in a 32-bit accumulator).
+    Written with int32 tensors, which torch multiplies exactly on any CPU (but slowly).
+    """
+    if qx.dtype not in (torch.int8, torch.uint8) or qw.dtype != torch.int8:
+        raise TypeError(f"int8_matmul expects int8/uint8 activations and int8 weights, got {qx.dtype}, {qw.dtype}")
+    return qx.to(torch.int32) @ qw.to(torch.int32).T
+
+
+def w8a8_linear(
+    x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, asymmetric: bool = True
+) -> torch.Tensor:
+    """A linear layer computed in integers: activations quantized per token, int8 weights per channel.
+
+    With an asymmetric (uint8, zero point z) activation x ~ (qx - z) s_x and weight w ~ qw s_w:
+        y[t, o] = s_x[t] s_w[o] (sum_i qx[t, i] qw[o, i]  -  z[t] sum_i qw[o, i])
+    The integer matmul does the heavy part; the zero point costs one precomputable row sum of
+    qw per output channel. Symmetric activations (z = 0) drop that term.
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+    if asymmetric:
+        qx, s_x, z = quantize_rows_asymmetric(x2)
+        acc = int8_matmul(qx, qw) - z * qw.to(torch.int32).sum(dim=1)  # (tokens, out) int32
+    else:
+        qx, s_x = quantize_rows_absmax(x2)
+        acc = int8_matmul(qx, qw)
+    y = acc.float() * s_x * w_scale.reshape(1, -1).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], qw.shape[0]).to(x.dtype)
+
+
+W8A8_ACTIVATIONS = ("per_token", "per_tensor")
+
+
+class W8A8Linear(nn.Module):
+    """W8A8: int8 weights (per output channel) and int8 activations (symmetric, dynamic).
+
+    Activations get one scale per token ("per_token") or one for the whole input ("per_tensor",
+    what torch.ao's quantize_dynamic does, and what a static int8 kernel needs).
+
+    `forward` multiplies the integers in fp32 (as bitsandbytes' portable CPU path does):
+    products of two int8 are exact in fp32, and so are their sums while they stay below
+    2**24; beyond that a sum is rounded by at most 1 part in 2**24 (6e-8).
+    `int8_matmul` is the exact integer reference (Lesson 8 compares the two).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, activations: str = "per_token"):
+        super().__init__()
+        if activations not in W8A8_ACTIVATIONS:
+            raise ValueError(f"activations must be one of {W8A8_ACTIVATIONS}, got {activations!r}")
+        self.in_features, self.out_features, self.activations = in_features, out_features, activations
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features, 1))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activations: str = "per_token") -> W8A8Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, activations)
+        layer.qweight, layer.scale = quantize_rows_absmax(linear.weight.detach().float())
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().float().clone()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        if self.activations == "per_tensor":
+            qx, s_x = quantize_rows_absmax(x2.reshape(1, -1))
+            qx = qx.reshape(x2.shape)
+        else:
+            qx, s_x = quantize_rows_absmax(x2)
+        y = (qx.float() @ self.qweight.float().T) * s_x * self.scale.T  # (tokens, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def llm_int8_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
+    """LLM.int8() as bitsandbytes 0.50 computes it: y = x @ W.T, with W ~ cb * scb / 127 (int8 rows).
+
+    1. x is cast to fp16; every column (input feature) holding a value with |x| >= threshold is
+       an outlier column.
+    2. The other columns are quantized per token (absmax over the non-outlier values) to int8,
+       multiplied with cb in int32, and rescaled by row_scale * scb / 127**2.
+    3. The outlier columns are multiplied in x's own precision with the same columns of the
+       dequantized weight, and added. threshold = 0 turns the decomposition off (all int8).
+    """
+    if cb.dtype != torch.int8 or cb.dim() != 2:
+        raise TypeError("llm_int8_matmul expects cb as a 2-D int8 tensor (out, in)")
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+    a = x2.to(torch.float16)
+    outlier_cols = torch.empty(0, dtype=torch.long)
+    if threshold > 0:
+        outliers = a.abs() >= threshold
+        outlier_cols = torch.argwhere(outliers.any(dim=0)).view(-1)
+        a = a.masked_fill(outliers, 0)
+    row_stats = a.abs().amax(dim=1).float()  # (tokens,)
+    qa = torch.round(a * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
+    if x2.shape[0] > 1:
+        qa[:, outlier_cols] = 0
+    acc = int8_matmul(qa, cb)  # (tokens, out) int32
+    y = acc * (row_stats.unsqueeze(-1) * scb.float().reshape(1, -1)) * 6.200124e-05  # 6.200124e-05 = 1/127**2
+    y = y.to(x.dtype)
+    if outlier_cols.numel():
+        w_cols = (cb[:, outlier_cols].float() * (scb.float().reshape(-1, 1) / 127)).to(x.dtype)  # (out, n_outliers)
+        y = y.addmm(x2[:, outlier_cols], w_cols.T)
+    return y.reshape(*x.shape[:-1], cb.shape[0])
+
+
+class LLMInt8Linear(nn.Module):
+    """A linear layer that runs `llm_int8_matmul` (int8 weights per output channel, outliers in fp)."""
+
+    def __init__(self, linear: nn.Linear, threshold: float = 6.0):
+        super().__init__()
+        self.in_features, self.out_features, self.threshold = linear.in_features, linear.out_features, threshold
+        w16 = linear.weight.detach().to(torch.float16)
+        scb = w16.abs().amax(dim=1).float()  # (out,) as bitsandbytes computes it, from fp16
+        self.register_buffer("cb", torch.round(w16.float() * (127.0 / scb.unsqueeze(1))).to(torch.int8))
+        self.register_buffer("scb", scb)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = llm_int8_matmul(x, self.cb, self.scb, self.threshold)
+        return y if self.bias is None else y + self.bias
+
+
+def replace_linears(model: nn.Module, make, exclude: tuple[str, ...] | str = ("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear (outside `exclude`) by make(linear), in place; returns the model."""
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_excluded(n, exclude)]
+    if not targets:
+        raise ValueError("replace_linears: no nn.Linear layer to replace")
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, make(linear))
+    return model
+
+
+def llama_input_groups(model: nn.Module) -> list[tuple[list[str], nn.Module | None, str | None]]:
+    """The linears of each Llama layer that read the same input, and where a per-input-channel scale
+    can be folded: (names, source module, "norm" | "rows"), or (names, None, None) for o_proj.
+
+    - input_layernorm -> q_proj, k_proj, v_proj (divide the RMSNorm weight by s);
+    - v_proj ... -> o_proj: no fold (through grouped-query attention one v channel feeds several
+      heads; AWQ's code skips this pair for GQA models too);
+    - post_attention_layernorm -> gate_proj, up_proj (the RMSNorm weight);
+    - up_proj -> down_proj (down's input is act(gate) * up: divide up's output rows by s).
+    """
+    groups = []
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}"
+        groups.append(([f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")], layer.input_layernorm, "norm"))
+        groups.append(([f"{p}.self_attn.o_proj"], None, None))
+        groups.append(([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], layer.post_attention_layernorm, "norm"))
+        groups.append(([f"{p}.mlp.down_proj"], layer.mlp.up_proj, "rows"))
+    return groups
+
+
+def fold_input_scale(model: nn.Module, source: nn.Module, how: str, names: list[str], s: torch.Tensor) -> None:
+    """Divide the activation entering `names` by s (in `source`) and multiply those weights' columns by s.
+
+    The product X W.T is unchanged (X diag(1/s)) (W diag(s)).T, so the float model computes
+    the same function; only what gets quantized changes.
+    """
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        if how == "norm":
+            source.weight.div_(s.to(source.weight.dtype))
+        elif how == "rows":
+            source.weight.div_(s.to(source.weight.dtype).unsqueeze(1))
+        else:
+            raise ValueError(f"fold_input_scale: unknown fold {how!r}")
+        for name in names:
+            modules[name].weight.mul_(s.to(modules[name].weight.dtype).unsqueeze(0))
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factor s_j = max|X_j|**alpha / max|W_j|**(1 - alpha).
+
+    Dividing channel j of X by s_j and multiplying column j of W by s_j moves a share alpha of
+    the outlier's range (on a log scale) from the activation into the weight. alpha = 0 leaves
+    the activation alone; alpha = 1 makes every activation channel's max equal 1.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    a = act_absmax.float().clamp(min=1e-5)
+    w = weight_absmax.float().clamp(min=1e-5)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def smooth_llama(model: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float = 0.5) -> nn.Module:
+    """SmoothQuant on a Llama model in place: one factor per group of llama_input_groups, folded.
+
+    `act_absmax` maps linear names to the max |input| per channel on calibration text
+    (helper.activation_absmax). The linears of a group share one input, so they share s, computed
+    from the largest |weight| of each column over the group.
+    """
+    modules = dict(model.named_modules())
+    for names, source, how in llama_input_groups(model):
+        if source is None:  # o_proj: no exact fold (see llama_input_groups)
+            continue
+        w_absmax = torch.stack([modules[n].weight.detach().abs().amax(dim=0).float() for n in names]).amax(dim=0)
+        s = smoothing_factors(act_absmax[names[0]], w_absmax, alpha)
+        fold_input_scale(model, source, how, names, s)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Lesson 9: calibrated 4-bit: GPTQ, AWQ and NF4 (notebooks/09_gptq_awq_nf4.ipynb)
+# ---------------------------------------------------------------------------
+
+
+class GroupQuant(NamedTuple):
+    """A 4-bit weight as a checkpoint holds it: codes (out, in) in [0, 15] and one grid per group.
+
+    Uniform grid (RTN, GPTQ, AWQ): weight = (code - zero) * scale. Codebook (NF4): weight =
+    levels[code] * scale (zero is None). Groups are runs of `group_size` columns of a row (the last
+    one shorter when group_size does not divide in_features, as in GPTQ's and AutoGPTQ's code);
+    scale and zero are (out, groups), scales fp16 values (kept in float32 here), zeros integers.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    group_size: int
+    levels: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        group = torch.arange(self.codes.shape[1]) // self.group_size  # (in,) the group of each column
+        scale = self.scale.float()[:, group]  # (out, in)
+        if self.levels is not None:
+            return self.levels.float()[self.codes.long()] * scale
+        return (self.codes.float() - self.zero.float()[:, group]) * scale
+
+    def nbytes(self) -> int:
+        """Bytes a packed checkpoint needs: 4-bit codes plus fp16 steps and 1-byte zeros, or, for NF4,
+        fp32 absmax and the 16 fp32 levels."""
+        if self.levels is None:
+            return self.codes.numel() // 2 + 2 * self.scale.numel() + self.zero.numel()
+        return self.codes.numel() // 2 + 4 * self.scale.numel() + 4 * self.levels.numel()
+
+
+def _group_size(w: torch.Tensor, group_size: int | None) -> int:
+    """Columns per group; None means all of them (one group per output channel)."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    g = w.shape[1] if group_size is None else group_size
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+    return min(g, w.shape[1])
+
+
+def minmax_params(w: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max grid per row of w (rows, cols): (scale (rows, 1), zero (rows, 1)).
+
+    The row's range, widened to contain 0, is split into 2**bits - 1 steps (the scale, rounded to
+    fp16 as it will be stored); zero is the integer code of 0.0. GPTQ's reference quantizer, shared
+    here by RTN, GPTQ and AWQ so that only how the codes are chosen differs between them.
+    """
+    qmax = 2**bits - 1
+    low = w.amin(dim=1, keepdim=True).clamp(max=0)
+    high = w.amax(dim=1, keepdim=True).clamp(min=0)
+    scale = ((high - low) / qmax).half().to(w.dtype)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.round(-low / scale).clamp(0, qmax)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Integer codes in [0, 2**bits - 1] of w on the grid (scale, zero): round to nearest, clamp."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int | None = 128) -> GroupQuant:
+    """Round-to-nearest on the min-max grid of each group of `group_size` columns (None: per channel).
+
+    The baseline GPTQ and AWQ improve on: every weight is rounded on its own.
+    """
+    _check_float(w, "rtn_quantize")
+    g = _group_size(w, group_size)
+    w = w.detach().float()
+    codes, scales, zeros = [], [], []
+    for start in range(0, w.shape[1], g):
+        scale, zero = minmax_params(w[:, start : start + g], bits)  # (out, 1) each
+        codes.append(quantize_codes(w[:, start : start + g], scale, zero, bits))
+        scales.append(scale)
+        zeros.append(zero)
+    return GroupQuant(torch.cat(codes, 1).to(torch.uint8), torch.cat(scales, 1), torch.cat(zeros, 1).to(torch.uint8), g)
+
+
+def layer_output_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
+    """Mean squared error of the layer's output on inputs x (rows, in): mean((x @ (w - w_hat).T)**2).
+
+    What GPTQ and AWQ minimize, instead of the weights' own error.
+    """
+    return ((x.float() @ (w.float() - w_hat.float()).T) ** 2).mean().item()
+
+
+def input_hessian(x: torch.Tensor) -> torch.Tensor:
+    """H = 2/n X.T X (in, in), float64, from n input rows: the curvature of the squared output error."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return (2.0 / x.shape[0]) * (x.T @ x)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block: for loops of many tiny tensor operations (GPTQ's
+    column loop), where waking a second thread per operation costs more than it saves; when
+    another program keeps a core busy it made GPTQ 20x slower here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> GroupQuant:
+    """GPTQ (Frantar et al., 2022) on one weight (out, in), in float64.
+
+    Columns are quantized one at a time, left to right. After column i is rounded, its error,
+    divided by the diagonal entry of the upper Cholesky factor U of H^-1, is spread over the columns
+    not yet quantized (in proportion to row i of U), so that later columns compensate what earlier
+    ones lost. The update reaches the current block of `block_size` columns at once and the rest
+    lazily, after the block (the reference code's "lazy batch": same result, fewer passes over W).
+    A group's min-max grid is fixed when its first column is reached, from the weights as updated
+    so far. `damp` adds damp * mean(diag H) to the diagonal, as the reference code does.
+    With H = identity (inputs that are uncorrelated and equally large) GPTQ equals RTN.
+    `act_order` quantizes the columns with the largest inputs (largest diag H) first, so that
+    their errors can still be compensated by many others; each group's grid is then fixed
+    beforehand from the original weights (AutoGPTQ's "static groups").
+    """
+    _check_float(w, "gptq_quantize")
+    g = _group_size(w, group_size)
+    n_cols = w.shape[1]
+    if not torch.is_tensor(hessian) or hessian.shape != (n_cols, n_cols):
+        raise ValueError(f"hessian must be a ({n_cols}, {n_cols}) tensor, got {getattr(hessian, 'shape', hessian)}")
+    if block_size < 1 or (group_size is not None and block_size % g and g % block_size):
+        raise ValueError(f"block_size {block_size} and group_size {g} must divide one another")
+    W = w.detach().double().clone()
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0  # inputs that were always 0: their weights never matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.diag(H).mean() * torch.eye(n_cols, dtype=H.dtype)
+    static = None
+    order = torch.arange(n_cols)
+    if act_order:  # largest inputs first; grids fixed in advance from the weights' own groups
+        static = [minmax_params(W[:, start : start + g], bits) for start in range(0, n_cols, g)]
+        order = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, order], H[order][:, order]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in)
+    codes = torch.zeros_like(W)
+    scales, zeros = [], []
+    with one_thread():
+        _gptq_columns(W, U, codes, scales, zeros, bits, g, block_size, static, order)
+    if act_order:
+        codes = codes[:, torch.argsort(order)]
+        scales, zeros = [sz[0] for sz in static], [sz[1] for sz in static]
+    return GroupQuant(codes.to(torch.uint8), torch.cat(scales, 1).float(), torch.cat(zeros, 1).to(torch.uint8), g)
+
+
+def _gptq_columns(W, U, codes, scales, zeros, bits: int, g: int, block_size: int, static, order) -> None:
+    """GPTQ's column loop (see gptq_quantize): fills codes (and scales, zeros unless the grids are
+    `static`, one per group of the original column order); updates W in place."""
+    n_cols = W.shape[1]
+    for b0 in range(0, n_cols, block_size):
+        b1 = min(b0 + block_size, n_cols)
+        W1, E1, U1 = W[:, b0:b1].clone(), torch.zeros_like(W[:, b0:b1]), U[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if static is not None:
+                scale, zero = static[int(order[col]) // g]
+            elif col % g == 0:  # a group starts: fix its grid from the weights as updated so far
+                ahead = W1[:, i : i + g]
+                if col + g > b1:  # the group runs past this block (per-channel grids)
+                    ahead = torch.cat([ahead, W[:, b1 : col + g]], dim=1)
+                scale, zero = minmax_params(ahead, bits)
+                scales.append(scale)
+                zeros.append(zero)
+            code = quantize_codes(W1[:, i : i + 1], scale, zero, bits)  # (out, 1)
+            codes[:, col] = code[:, 0]
+            err = (W1[:, i] - ((code - zero) * scale)[:, 0]) / U1[i, i]  # (out,)
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, b1:] -= E1 @ U[b0:b1, b1:]  # the lazy update of every later column
+
+
+def awq_search_scale(
+    weights: list[torch.Tensor], x: torch.Tensor, bits: int = 4, group_size: int | None = 128, grid: int = 20
+) -> tuple[torch.Tensor, float, dict[float, float]]:
+    """AWQ (Lin et al., 2023): a per-input-channel scale s = mean|x|**alpha, alpha searched on a grid.
+
+    Column j of every weight in `weights` (linears that share the input x (rows, in)) is multiplied
+    by s_j before round-to-nearest, and the input divided by s_j (folded into the layer before, as
+    SmoothQuant's factor is): channels that carry large inputs get finer steps. Each alpha in
+    0, 1/grid, ..., (grid-1)/grid is scored by the group's output error on x; alpha = 0 is plain RTN.
+    Returns (best s, its alpha, {alpha: error}). s is normalised as AWQ's code does it.
+    """
+    x = x.float()
+    x_mean = x.abs().mean(dim=0)  # (in,)
+    reference = [x @ w.float().T for w in weights]
+    errors: dict[float, float] = {}
+    best_s, best_alpha = torch.ones_like(x_mean), 0.0
+    for k in range(grid):
+        alpha = k / grid
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        errors[alpha] = sum(
+            ((x @ (rtn_quantize(w.float() * s, bits, group_size).dequantize() / s).T - ref) ** 2).mean().item()
+            for w, ref in zip(weights, reference)
+        )
+        if errors[alpha] < errors[best_alpha]:
+            best_s, best_alpha = s, alpha
+    return best_s, best_alpha, errors
+
+
+def nf4_levels() -> torch.Tensor:
+    """The 16 NormalFloat-4 levels (Dettmers et al., 2023), built from quantiles of N(0, 1).
+
+    8 positive levels are the normal quantiles at 8 evenly spaced probabilities from
+    offset = 0.9677083 down to 0.5 (exclusive), 7 negative ones at 7 such probabilities, plus an
+    exact 0: one more level on the positive side, so that 0 is a level. offset is the mean of
+    1 - 1/(2*15) and 1 - 1/(2*16), which keeps the extreme quantile finite. The levels are divided
+    by the largest, so they span [-1, 1]. Precision as in bitsandbytes' create_normal_map: the
+    probabilities in float32, the quantiles in float64, the division in float32 (bit for bit
+    bitsandbytes' NF4 table; Lesson 9 shows which step changes which bits).
+    """
+    offset = 0.9677083
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())  # 8 levels
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())  # 7 levels
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values.float()
+    return levels / levels.max()
+
+
+def nf4_quantize(w: torch.Tensor, group_size: int | None = 128) -> GroupQuant:
+    """NF4 with absmax per group of `group_size` columns: each w / absmax goes to the nearest NF4 level.
+
+    Groups run along a row (as in rtn_quantize), so any group size that divides in_features works.
+    For group sizes that divide the row it equals blockwise_nf4_rtn (bitsandbytes' arithmetic).
+    """
+    _check_float(w, "nf4_quantize")
+    g = _group_size(w, group_size)
+    levels = nf4_levels()
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    w = w.detach().float()
+    codes, scales = [], []
+    for start in range(0, w.shape[1], g):
+        block = w[:, start : start + g]
+        absmax = block.abs().amax(1, keepdim=True)  # (out, 1)
+        codes.append(torch.bucketize(block / torch.where(absmax == 0, 1.0, absmax), midpoints))  # nearest level
+        scales.append(absmax)
+    return GroupQuant(torch.cat(codes, 1).to(torch.uint8), torch.cat(scales, 1), None, g, levels)
+
+
+class GroupQuantLinear(nn.Module):
+    """A linear layer that holds a GroupQuant packed (two 4-bit codes per byte) and rebuilds the
+    fp32 weight at every forward pass (like GGUFLinear in Lesson 4: small, not fast)."""
+
+    def __init__(self, gq: GroupQuant, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = gq.codes.shape
+        self.group_size = gq.group_size
+        self.register_buffer("packed", pack_weights(gq.codes, 4))  # (out * in / 2,) uint8
+        # (out, groups): fp16 steps for uniform grids, fp32 absmax for NF4 (as bitsandbytes stores it)
+        self.register_buffer("scale", gq.scale.to(torch.float16 if gq.levels is None else torch.float32))
+        self.register_buffer("zero", None if gq.zero is None else gq.zero.to(torch.uint8))
+        self.register_buffer("levels", None if gq.levels is None else gq.levels.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def group_quant(self) -> GroupQuant:
+        codes = unpack_weights(self.packed, 4, (self.out_features, self.in_features))
+        return GroupQuant(codes, self.scale.float(), self.zero, self.group_size, self.levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.group_quant().dequantize().to(x.dtype)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def input_hessians(model: nn.Module, ids: torch.Tensor, names: list[str], skip_first: int = 0) -> dict:
+    """H = 2/n X.T X (float64) of the input of each named linear, accumulated over the rows of `ids`
+    (batch, tokens) without keeping the inputs (memory: in_features**2 x 8 bytes per name)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = defaultdict(int)
+
+    def consume(name, x):
+        x = x.double()
+        sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+        counts[name] += x.shape[0]
+
+    run_with_input_hooks(model, ids, names, consume, skip_first)
+    return {n: 2.0 * sums[n] / counts[n] for n in names}
+
+
+QUANT4_METHODS = ("rtn", "gptq", "awq", "nf4")
+
+
+def quantize_llama_4bit(
+    model: nn.Module,
+    method: str,
+    ids: torch.Tensor | None = None,
+    group_size: int | None = 128,
+    awq_rows: int = 2048,
+    skip_first: int = 0,
+    act_order: bool = True,
+) -> nn.Module:
+    """Quantize every linear of a Llama model but lm_head to 4 bits, in place, into GroupQuantLinear layers.
+
+    method: "rtn" and "nf4" need no data; "gptq" and "awq" calibrate on `ids` (batch, tokens),
+    text disjoint from the evaluation text (calibration_ids). Statistics come from the float model
+    in one pass (the reference GPTQ re-runs each layer on the outputs of the already quantized
+    ones; this is the simpler, one-pass variant). AWQ folds its scales into the layer before
+    (llama_input_groups) and searches them on `awq_rows` sampled tokens per group. Both leave out
+    the first `skip_first` tokens of every calibration row (its massive activations, Lesson 9).
+    """
+    if method not in QUANT4_METHODS:
+        raise ValueError(f"method must be one of {QUANT4_METHODS}, got {method!r}")
+    if method in ("gptq", "awq") and ids is None:
+        raise ValueError(f"{method} needs calibration ids (helper.calibration_ids)")
+    modules = dict(model.named_modules())
+    groups = llama_input_groups(model)
+    results: dict[str, GroupQuant] = {}
+    if method == "gptq":
+        hessians = input_hessians(model, ids, [names[0] for names, _, _ in groups], skip_first)
+        for names, _, _ in groups:
+            for name in names:
+                results[name] = gptq_quantize(
+                    modules[name].weight, hessians[names[0]], 4, group_size, act_order=act_order
+                )
+            del hessians[names[0]]
+    elif method == "awq":
+        leaders = [names[0] for names, source, _ in groups if source is not None]
+        inputs = linear_inputs(model, ids, leaders, awq_rows, skip_first)
+        for names, source, how in groups:
+            if source is not None:
+                s, _, _ = awq_search_scale([modules[n].weight for n in names], inputs[names[0]], 4, group_size)
+                fold_input_scale(model, source, how, names, s)
+        for names, _, _ in groups:
+            for name in names:
+                results[name] = rtn_quantize(modules[name].weight, 4, group_size)
+    else:
+        quantize = rtn_quantize if method == "rtn" else lambda w, bits, g: nf4_quantize(w, g)
+        for names, _, _ in groups:
+            for name in names:
+                results[name] = quantize(modules[name].weight, 4, group_size)
+    for name, gq in results.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, GroupQuantLinear(gq, modules[name].bias))
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Lesson 10: the capstone benchmark (notebooks/10_capstone_comparison.ipynb)
 # ---------------------------------------------------------------------------
 
 
@@ -1713,7 +2420,7 @@ def token_nll(model, tokenizer, n_tokens: int = 4096, window: int = 512, text: s
 
     Window i feeds tokens [i*window, (i+1)*window] and scores the `window` tokens after its first,
     so the windows do not overlap and every token is predicted with at most `window` tokens of
-    context. Taught in Lesson 8 (the capstone benchmark's perplexity and its standard error).
+    context. Taught in Lesson 10 (the capstone benchmark's perplexity and its standard error).
     """
     if n_tokens < window or n_tokens % window:
         raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of window ({window})")
@@ -1775,8 +2482,6 @@ BENCHMARK_COLUMNS = {
     "load_quantize_s": float,
     "peak_rss_mb": float,
 }
-
-
 """The benchmark CSV's columns and their types: written by benchmarks/compare_methods.py, read here."""
 
 

@@ -132,6 +132,43 @@ def _gguf_file(folder: Path) -> nn.Module:
     return helper.replace_linear_with_gguf(_load(folder), tensors=helper.read_gguf_tensors(), exclude=(SKIP,))
 
 
+def _calibration(folder: Path, n_tokens: int) -> torch.Tensor:
+    """Calibration windows of 512 tokens from helper.calibration_text() (disjoint from eval_text)."""
+    from transformers import AutoTokenizer
+
+    return helper.calibration_ids(AutoTokenizer.from_pretrained(folder), n_tokens, 512)
+
+
+def _w8a8(smooth: bool) -> Callable[[Path], nn.Module]:
+    """W8A8 with per-token activations (Lesson 8), after SmoothQuant (alpha 0.5) when `smooth`."""
+
+    def load(folder: Path) -> nn.Module:
+        model = _load(folder)
+        if smooth:
+            act = helper.activation_absmax(model, None, ids=_calibration(folder, W8A8_CALIBRATION_TOKENS))
+            helper.smooth_llama(model, act, alpha=0.5)
+        return helper.replace_linears(model, helper.W8A8Linear.from_linear, exclude=(SKIP,))
+
+    return load
+
+
+def _llm_int8(folder: Path) -> nn.Module:
+    return helper.replace_linears(_load(folder), lambda linear: helper.LLMInt8Linear(linear, 6.0), exclude=(SKIP,))
+
+
+def _int4(method: str, group_size: int | None) -> Callable[[Path], nn.Module]:
+    """4-bit codes in helper.GroupQuantLinear (Lesson 9); GPTQ and AWQ calibrate on calibration_text."""
+
+    def load(folder: Path) -> nn.Module:
+        ids = _calibration(folder, INT4_CALIBRATION_TOKENS) if method in ("gptq", "awq") else None
+        return helper.quantize_llama_4bit(_load(folder), method, ids, group_size)
+
+    return load
+
+
+W8A8_CALIBRATION_TOKENS = 2048  # SmoothQuant needs only each channel's max
+INT4_CALIBRATION_TOKENS = 12288  # all of calibration_text: GPTQ overfits 2,048 tokens (Lesson 9)
+
 LLAMA_CPP = "llama.cpp-q4_1-file"  # not a PyTorch model: measured by measure_llama_cpp
 
 METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
@@ -152,6 +189,15 @@ METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
     "gguf-q4_1-file": ("course helper GGUFLinear, the GGUF file's own Q4_1 blocks", _gguf_file),
     "gguf-q4_0": ("course helper GGUFLinear, Q4_0 re-quantized", _gguf("Q4_0")),
     "gguf-q8_0": ("course helper GGUFLinear, Q8_0 re-quantized", _gguf("Q8_0")),
+    "w8a8-rtn": ("course helper W8A8Linear, int8 per-token activations", _w8a8(smooth=False)),
+    "w8a8-smoothquant": ("course helper SmoothQuant (alpha 0.5) + W8A8Linear", _w8a8(smooth=True)),
+    "llm-int8-scratch": ("course helper LLMInt8Linear (threshold 6)", _llm_int8),
+    "rtn-int4-g128": ("course helper GroupQuantLinear, round-to-nearest", _int4("rtn", 128)),
+    "gptq-int4-g128": ("course helper GroupQuantLinear, GPTQ", _int4("gptq", 128)),
+    "awq-int4-g128": ("course helper GroupQuantLinear, AWQ scales + RTN", _int4("awq", 128)),
+    "nf4-g128": ("course helper GroupQuantLinear, NF4 levels", _int4("nf4", 128)),
+    "rtn-int4-channel": ("course helper GroupQuantLinear, RTN per channel", _int4("rtn", None)),
+    "gptq-int4-channel": ("course helper GroupQuantLinear, GPTQ per channel", _int4("gptq", None)),
     LLAMA_CPP: ("llama.cpp (llama-cpp-python), the GGUF file as shipped", None),
 }
 

@@ -24,7 +24,7 @@ def read_results(path: Path) -> tuple[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """Run the script once with --tiny on three cheap methods (bf16 listed before fp32 on purpose)."""
+    """Run the script once with --tiny on cheap methods (bf16 listed before fp32 on purpose), two calibrated."""
     out = tmp_path_factory.mktemp("bench")
     cmd = [
         sys.executable,
@@ -33,6 +33,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         "--methods",
         "bf16",
         "w8a16-scratch",
+        "w8a8-smoothquant",
+        "awq-int4-g128",
         "--ppl-tokens",
         "64",
         "--window",
@@ -55,7 +57,7 @@ def test_csv_columns_and_methods(tiny_run):
     header, rows = read_results(out / "smollm2_cpu.csv")
     assert list(rows[0]) == list(helper.BENCHMARK_COLUMNS)
     # fp32 is added (it is the ratio's baseline) and comes first; no method is repeated
-    assert [r["method"] for r in rows] == ["fp32", "bf16", "w8a16-scratch"]
+    assert [r["method"] for r in rows] == ["fp32", "bf16", "w8a16-scratch", "w8a8-smoothquant", "awq-int4-g128"]
     assert "tiny random Llama" in header and "cores" in header and "torch " in header
 
 
@@ -91,7 +93,13 @@ def test_markdown_table_matches_csv(tiny_run):
     text = (out / "smollm2_cpu.md").read_text()
     assert text.startswith("Measured: tiny random Llama")
     table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert [line.split("|")[1].strip() for line in table] == ["fp32", "bf16", "w8a16-scratch"]
+    assert [line.split("|")[1].strip() for line in table] == [
+        "fp32",
+        "bf16",
+        "w8a16-scratch",
+        "w8a8-smoothquant",
+        "awq-int4-g128",
+    ]
 
 
 def test_unknown_method_is_rejected():
