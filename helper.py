@@ -25,7 +25,9 @@ Contents
        w8a8_linear, W8A8Linear), LLM.int8() (llm_int8_matmul), SmoothQuant (smooth_llama)
     9  calibrated 4-bit: GroupQuant, rtn_quantize, gptq_quantize, awq_search_scale, nf4_levels,
        GroupQuantLinear, quantize_llama_4bit
-    10 the capstone benchmark: token_nll, perplexity_with_error, paired_nll_difference,
+    10 decode speed on a CPU: in helper_decode.py, re-exported at the end of this file
+       (memory_bandwidth_gbs, PackedLinear, FastDecoder, ...)
+    11 the capstone benchmark: token_nll, perplexity_with_error, paired_nll_difference,
        read_benchmark
 """
 
@@ -2415,7 +2417,15 @@ def quantize_llama_4bit(
 
 
 # ---------------------------------------------------------------------------
-# Lesson 10: the capstone benchmark (notebooks/10_capstone_comparison.ipynb)
+# Lesson 10: decode speed on a CPU (notebooks/10_decode_speed.ipynb), in helper_decode.py
+# ---------------------------------------------------------------------------
+# Its code lives beside this file (CONTRIBUTING.md: a module past ~2,500 lines moves a lesson out);
+# `import helper` still gives every name. Read helper_decode.py next to Lesson 10.
+
+from helper_decode import *  # noqa: E402, F403  (its __all__: the public names of Lesson 10)
+
+# ---------------------------------------------------------------------------
+# Lesson 11: the capstone benchmark (notebooks/11_capstone_comparison.ipynb)
 # ---------------------------------------------------------------------------
 
 
@@ -2424,7 +2434,7 @@ def token_nll(model, tokenizer, n_tokens: int = 4096, window: int = 512, text: s
 
     Window i feeds tokens [i*window, (i+1)*window] and scores the `window` tokens after its first,
     so the windows do not overlap and every token is predicted with at most `window` tokens of
-    context. Taught in Lesson 10 (the capstone benchmark's perplexity and its standard error).
+    context. Taught in Lesson 11 (the capstone benchmark's perplexity and its standard error).
     """
     if n_tokens < window or n_tokens % window:
         raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of window ({window})")

@@ -15,7 +15,12 @@ Usage:
     python benchmarks/compare_methods.py --methods fp32 bf16 quanto-int8 --out /tmp/bench
     python benchmarks/compare_methods.py --tiny --out /tmp/bench  # tiny random model (tests)
 
-In every quantized method the tied lm_head (it shares its weight with the token embedding) stays
+The fast-* rows run helper.FastDecoder (Lesson 10), a lean decoder with a static KV cache, on
+PyTorch's weight-only int8/int4 CPU kernels with bf16 activations; their lm_head is int8. The
+fp32-static-compiled row is transformers' own recipe (static cache + torch.compile), its compile
+time in load_quantize_s.
+
+In every other quantized method the tied lm_head (it shares its weight with the token embedding) stays
 in full precision, and so does the embedding: only the decoder's nn.Linear layers are quantized.
 The exception is llama.cpp-q4_1-file: llama.cpp runs the GGUF file as shipped (Q4_1 linear layers,
 a Q8_0 embedding that is also the output layer); it is measured only where `make setup-llama`
@@ -166,6 +171,47 @@ def _int4(method: str, group_size: int | None) -> Callable[[Path], nn.Module]:
     return load
 
 
+def _fast(kind: str, dtype: torch.dtype, group_size: int = 32) -> Callable[[Path], nn.Module]:
+    """helper.FastDecoder (Lesson 10): the same weights in a lean decoder with a static KV cache.
+
+    Its lm_head (and the embedding rows it serves) runs on the int8 kernel when the layers are
+    quantized, as llama.cpp's file keeps its output layer in Q8_0: the one exception to SKIP.
+    """
+
+    def load(folder: Path) -> nn.Module:
+        model = _load(folder)
+        decoder = helper.FastDecoder(model, kind, dtype, group_size)
+        del model  # the decoder holds its own copies, in its own layout
+        gc.collect()
+        return decoder
+
+    return load
+
+
+def _static_compiled(folder: Path) -> nn.Module:
+    """transformers' own fast path: a static KV cache and torch.compile, compiled here (load time includes it).
+
+    transformers compiles generate()'s decode step on CPU only when told (CompileConfig's
+    _compile_all_devices); the static cache's length is part of the graph, so the warm-up generates
+    the timed number of tokens.
+    """
+    from transformers import CompileConfig, GenerationConfig
+
+    model = _load(folder)
+    config = CompileConfig(dynamic=False)
+    config._compile_all_devices = True
+    model = helper.with_generation_config(model, cache_implementation="static", compile_config=config)
+    assert isinstance(model.generation_config, GenerationConfig)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(folder)(COMPILE_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=COMPILE_TOKENS, min_new_tokens=COMPILE_TOKENS, do_sample=False)
+    return model
+
+
+COMPILE_TOKENS = 32  # the default --new-tokens and decode_timings' prompt: the graph is compiled for
+COMPILE_PROMPT = "The history of"  # the cache length the timed rounds use
 W8A8_CALIBRATION_TOKENS = 2048  # SmoothQuant needs only each channel's max
 INT4_CALIBRATION_TOKENS = 12288  # all of calibration_text: GPTQ overfits 2,048 tokens (Lesson 9)
 
@@ -198,6 +244,16 @@ METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
     "nf4-g128": ("course helper GroupQuantLinear, NF4 levels", _int4("nf4", 128)),
     "rtn-int4-channel": ("course helper GroupQuantLinear, RTN per channel", _int4("rtn", None)),
     "gptq-int4-channel": ("course helper GroupQuantLinear, GPTQ per channel", _int4("gptq", None)),
+    "fp32-static-compiled": ("transformers static KV cache + torch.compile (fp32)", _static_compiled),
+    "fast-fp32": ("course helper FastDecoder, fp32 (lean decoder, static KV cache)", _fast("float", torch.float32)),
+    "fast-int8-bf16": (
+        "course helper FastDecoder, int8 weights (_weight_int8pack_mm) + bf16 activations, int8 lm_head",
+        _fast("int8pack", torch.bfloat16),
+    ),
+    "fast-int4-g32-bf16": (
+        "course helper FastDecoder, int4 g32 weights (_weight_int4pack_mm_for_cpu) + bf16, int8 lm_head",
+        _fast("int4pack", torch.bfloat16, 32),
+    ),
     LLAMA_CPP: ("llama.cpp (llama-cpp-python), the GGUF file as shipped", None),
 }
 
@@ -438,7 +494,8 @@ def write_markdown(rows: list[dict], header: str, path: Path) -> None:
     lines += [
         "",
         "Bytes held are counted by helper.model_size (integer data plus scales); "
-        "lm_head (tied to the embedding) stays in full precision in every PyTorch method (llama.cpp runs "
+        "lm_head (tied to the embedding) stays in full precision in every PyTorch method but the "
+        "fast-int* rows (int8 there; llama.cpp runs "
         "the file as shipped: Q8_0 embedding and output layer). Perplexity: "
         "4,096 tokens of helper.eval_text() in windows of 512, ± its standard error (per-token "
         "NLLs in smollm2_cpu_nll.npz). Decode: median tokens/s of the timed rounds; speed-up: median "

@@ -1,4 +1,4 @@
-"""Perplexity with a standard error, paired comparisons, and the benchmark reader (Lesson 10)."""
+"""Perplexity with a standard error, paired comparisons, and the benchmark reader (Lesson 11)."""
 
 import math
 import re
