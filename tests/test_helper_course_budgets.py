@@ -1,0 +1,64 @@
+"""Every lesson has a run-time and memory budget, and its stored run stays within 1.5x of it.
+
+The budgets live in each notebook's metadata (`course.budget_s`, `course.budget_mb`);
+`make refresh` (scripts/run_course.py --in-place) stores the run that made the outputs
+(`course.last_run`: seconds, the kernel's peak MB, the machine, the date). This is a guard
+against regressions on the machine that refreshed the outputs, not a benchmark.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import helper
+
+NOTEBOOKS = sorted((Path(helper.REPO_DIR) / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SLACK = 1.5
+
+
+def _run_course():
+    spec = importlib.util.spec_from_file_location("run_course", Path(helper.REPO_DIR) / "scripts" / "run_course.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_run_is_within_the_lessons_budget(path):
+    course = nbformat.read(path, as_version=4).metadata.get("course", {})
+    assert course.get("budget_s", 0) > 0 and course.get("budget_mb", 0) > 0, f"{path.name} has no budget"
+    run = course.get("last_run")
+    assert run, f"{path.name} has no stored run: refresh it with `make refresh NB=notebooks/{path.name}`"
+    assert run["seconds"] <= SLACK * course["budget_s"], (
+        f"{path.name} ran {run['seconds']} s, more than {SLACK}x its budget of {course['budget_s']} s"
+    )
+    assert run["peak_mb"] <= SLACK * course["budget_mb"], (
+        f"{path.name} peaked at {run['peak_mb']} MB, more than {SLACK}x its budget of {course['budget_mb']} MB"
+    )
+    assert run["machine"] and run["date"]
+
+
+def test_sections_follow_the_numbered_headings():
+    run_course = _run_course()
+    notebook = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell("# Lesson 0 — Title"),
+            nbformat.v4.new_code_cell("x = 1"),
+            nbformat.v4.new_markdown_cell("## Setup"),
+            nbformat.v4.new_code_cell("y = 2"),
+            nbformat.v4.new_markdown_cell("text\n\n## 1. First part\nmore"),
+            nbformat.v4.new_code_cell("z = 3"),
+            nbformat.v4.new_markdown_cell("### a subsection"),
+            nbformat.v4.new_code_cell("w = 4"),
+        ]
+    )
+    expected = ["", "", "Setup", "Setup"] + ["1. First part"] * 4  # a ### heading opens no section
+    assert run_course.sections_by_cell(notebook) == expected
+
+
+def test_report_flags_what_is_over_budget():
+    report = _run_course().report
+    assert report("10_x", 59.4, 2233.0, (90, 2500)) == "10_x: 59 s (budget 90 s), peak 2,233 MB (budget 2,500 MB)"
+    assert report("06_x", 88, 5200, (60, 3000)).count("OVER") == 2
