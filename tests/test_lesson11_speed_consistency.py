@@ -37,6 +37,11 @@ LESSON_METHODS = {
         # speed-up over fp32 moved by 20% between the lesson's process and the benchmark's on one day
     },
 }
+# Two processes timing the same pair differ by a few percent beyond their rounds' spread (allocator
+# state, thread placement): 3% for torchao dynamic int8 between Lesson 6 and the benchmark on
+# 2026-11-24. The ranges must overlap once widened by this factor; a gross disagreement (W8A16's 2x,
+# when its weight copies come from fresh mmap pages; see CONTRIBUTING) still fails.
+MARGIN = 1.10
 LINE = re.compile(
     r"^decode (?P<name>.+?)\s+[\d.]+ tokens/s \(spread [\d.]+–[\d.]+\)\s+"
     r"(?:[\d.]+x (?:faster|slower) than|about as fast as) (?:transformers )?fp32 "
@@ -67,6 +72,7 @@ def test_lesson_speedups_agree_with_the_capstone(stem):
         assert name in stored, f"{stem} stores no decode speed for {name!r} (found {sorted(stored)})"
         low, high = stored[name]
         t_low, t_high = table_range(method, rows)
+        low, high = low / MARGIN, high * MARGIN
         assert low <= t_high and t_low <= high, (
             f"{stem}: {name} speed-up over fp32 {low:.2f}–{high:.2f}, capstone {method} {t_low:.2f}–{t_high:.2f}"
         )
