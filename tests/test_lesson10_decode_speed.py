@@ -11,26 +11,6 @@ import helper
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    """A tiny random Llama (two layers, grouped-query attention, tied embedding) in fp32, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 # -- 1. the roofline ---------------------------------------------------------
 
 
@@ -181,21 +161,23 @@ def test_rms_norm_and_rope_equal_transformers_in_fp32():
 
 
 def test_fast_decoder_fp32_equals_transformers(tiny_llama):
-    decoder = helper.FastDecoder(tiny_llama, max_len=64)
-    ids = torch.randint(0, 256, (1, 12))
+    llama, _ = tiny_llama  # conftest.py's (model, ids)
+    decoder = helper.FastDecoder(llama, max_len=64)
+    ids = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
-        expected = tiny_llama(input_ids=ids).logits
+        expected = llama(input_ids=ids).logits
     torch.testing.assert_close(decoder(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
     kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
     with torch.no_grad():
-        hf = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        hf = llama.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     assert torch.equal(decoder.generate(ids, **kwargs), hf)
     assert decoder.generate(ids[0].tolist(), max_new_tokens=3).shape == (1, 15)  # a list of ids works too
 
 
 def test_fast_decoder_counts_what_it_holds(tiny_llama):
-    fp32 = helper.FastDecoder(tiny_llama, max_len=64)
-    int4 = helper.FastDecoder(tiny_llama, "int4pack", BF16, 32, max_len=64)
+    llama, _ = tiny_llama  # conftest.py's (model, ids)
+    fp32 = helper.FastDecoder(llama, max_len=64)
+    int4 = helper.FastDecoder(llama, "int4pack", BF16, 32, max_len=64)
     for decoder in (fp32, int4):
         per_token = helper.bytes_per_token(decoder, position=10)
         linears = decoder.linears()
@@ -208,22 +190,24 @@ def test_fast_decoder_counts_what_it_holds(tiny_llama):
 
 
 def test_fast_decoder_generates_with_every_kind(tiny_llama):
-    ids = torch.randint(0, 256, (1, 6))
+    llama, _ = tiny_llama  # conftest.py's (model, ids)
+    ids = torch.randint(0, 96, (1, 6))
     for kind, dtype in (("float", BF16), ("int8pack", BF16), ("int4pack", BF16), ("int8-dequant", torch.float32)):
-        out = helper.FastDecoder(tiny_llama, kind, dtype, 32, max_len=32).generate(ids, max_new_tokens=5)
+        out = helper.FastDecoder(llama, kind, dtype, 32, max_len=32).generate(ids, max_new_tokens=5)
         assert out.shape == (1, 11) and torch.equal(out[:, :6], ids)
 
 
 def test_fast_decoder_rejects_bad_input(tiny_llama):
+    llama, _ = tiny_llama  # conftest.py's (model, ids)
     with pytest.raises(ValueError, match="Llama-architecture"):
         helper.FastDecoder(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="Llama-architecture"):
-        helper.FastDecoder((tiny_llama, None))  # what load_smollm2 returns, not unpacked
+        helper.FastDecoder((llama, None))  # what load_smollm2 returns, not unpacked
     with pytest.raises(ValueError, match="head_kind"):
-        helper.FastDecoder(tiny_llama, head_kind="int2")
+        helper.FastDecoder(llama, head_kind="int2")
     with pytest.raises(ValueError, match="max_len"):
-        helper.FastDecoder(tiny_llama, max_len=1)
-    decoder = helper.FastDecoder(tiny_llama, max_len=8)
+        helper.FastDecoder(llama, max_len=1)
+    decoder = helper.FastDecoder(llama, max_len=8)
     with pytest.raises(ValueError, match="max_len"):
         decoder.generate(torch.zeros(1, 6, dtype=torch.long), max_new_tokens=4)
     with pytest.raises(ValueError, match=r"\(1, T\)"):
@@ -233,16 +217,17 @@ def test_fast_decoder_rejects_bad_input(tiny_llama):
 
 
 def test_with_generation_config_shares_weights_not_settings(tiny_llama):
-    static = helper.with_generation_config(tiny_llama, cache_implementation="static")
+    llama, _ = tiny_llama  # conftest.py's (model, ids)
+    static = helper.with_generation_config(llama, cache_implementation="static")
     assert static.generation_config.cache_implementation == "static"
-    assert tiny_llama.generation_config.cache_implementation != "static"
-    assert static.lm_head.weight is tiny_llama.lm_head.weight
-    ids = torch.randint(0, 256, (1, 5))
+    assert llama.generation_config.cache_implementation != "static"
+    assert static.lm_head.weight is llama.lm_head.weight
+    ids = torch.randint(0, 96, (1, 5))
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
-        assert torch.equal(static.generate(ids, **kwargs), tiny_llama.generate(ids, **kwargs))
+        assert torch.equal(static.generate(ids, **kwargs), llama.generate(ids, **kwargs))
     with pytest.raises(ValueError, match="no setting"):
-        helper.with_generation_config(tiny_llama, cache_kind="static")
+        helper.with_generation_config(llama, cache_kind="static")
     with pytest.raises(TypeError, match="generation_config"):
         helper.with_generation_config(nn.Linear(2, 2))
 
