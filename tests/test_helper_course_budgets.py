@@ -40,6 +40,14 @@ def test_stored_run_is_within_the_lessons_budget(path):
     assert run["machine"] and run["date"]
 
 
+def test_lesson_budgets_add_up_to_the_course_budget():
+    """The issue's budget for the whole course: 5 minutes, no kernel above 3 GB, lessons included."""
+    run_course = _run_course()
+    budgets = [nbformat.read(p, as_version=4).metadata["course"] for p in NOTEBOOKS]
+    assert sum(b["budget_s"] for b in budgets) <= run_course.COURSE_BUDGET_S == 300
+    assert max(b["budget_mb"] for b in budgets) <= run_course.COURSE_BUDGET_MB == 3000
+
+
 def test_sections_follow_the_numbered_headings():
     run_course = _run_course()
     notebook = nbformat.v4.new_notebook(

@@ -52,6 +52,7 @@ def test_efficientnet_recognises_the_shipped_photos(photo, accepted):
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_independent  # files and hashes: the forced-AVX2 pass leaves it out
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
     good = helper.smollm2_dir()
     broken = tmp_path / good.name

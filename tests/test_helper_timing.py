@@ -1,6 +1,7 @@
 """The course's one timing protocol: interleaved rounds, medians, spreads and verdicts."""
 
 import pytest
+import torch
 
 import helper
 
@@ -69,3 +70,29 @@ def test_decode_timings_refuses_what_it_cannot_run():
 
     with pytest.raises(TypeError, match="neither a transformers nor a llama.cpp model"):
         helper.decode_timings({"mystery": object()}, Tok())
+
+
+def test_decode_timings_warms_up_short_then_times_interleaved_rounds():
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def generate(self, input_ids, max_new_tokens, min_new_tokens, do_sample):
+            assert max_new_tokens == min_new_tokens and not do_sample
+            calls.append((self.name, max_new_tokens))
+
+    class Tok:
+        def __call__(self, text, return_tensors="pt"):
+            return {"input_ids": torch.tensor([[1, 2]])}
+
+    times = helper.decode_timings({"a": Recorder("a"), "b": Recorder("b")}, Tok(), new_tokens=16, repeats=3)
+    assert calls == [("a", 2), ("b", 2)] + [("a", 16), ("b", 16)] * 3  # one short warm-up each, then rounds
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+    calls.clear()
+    helper.decode_timings({"a": Recorder("a")}, Tok(), new_tokens=1, repeats=1)
+    assert calls == [("a", 1), ("a", 1)]  # the warm-up never generates more than a round
+    with pytest.raises(ValueError, match="warmup_tokens"):
+        helper.decode_timings({"a": Recorder("a")}, Tok(), warmup_tokens=0)

@@ -195,3 +195,14 @@ def test_only_floating_inputs_are_cast(tiny_blip):
     assert batch["pixel_values"].dtype == torch.bfloat16
     assert batch["input_ids"].dtype == torch.int64
     assert batch["attention_mask"].dtype == torch.int64
+
+
+@pytest.mark.slow
+def test_fresh_process_peaks_runs_each_child_apart_and_keeps_the_names():
+    peaks = helper.fresh_process_peaks_mb({"idle": "pass", "busy": "data = b'x' * 200_000_000", "idle2": "pass"})
+    assert list(peaks) == ["idle", "busy", "idle2"]
+    assert peaks["busy"] - peaks["idle"] > 150 and abs(peaks["idle2"] - peaks["idle"]) < 50  # no child sees another
+    with pytest.raises(TypeError, match="non-empty dict"):
+        helper.fresh_process_peaks_mb({})
+    with pytest.raises(ValueError, match="workers"):
+        helper.fresh_process_peaks_mb({"idle": "pass"}, workers=0)

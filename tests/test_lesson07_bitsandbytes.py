@@ -161,3 +161,31 @@ def test_load_in_4bit_argument_was_removed(tiny_llama_dir):
         transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, load_in_4bit=True)
     with pytest.raises(TypeError, match="load_in_8bit"):
         transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, load_in_8bit=True)
+
+
+def test_detach_from_checkpoint_copies_the_views_of_the_file_and_keeps_ties(tiny_llama, tmp_path):
+    """A bitsandbytes load of a saved tiny Llama: after detaching, no parameter lives in the mapped file."""
+    model, ids = tiny_llama
+    model.save_pretrained(tmp_path)
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["lm_head"])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
+    mapped = [(int(a, 16), int(b, 16)) for a, b in _file_ranges(tmp_path / "model.safetensors")]
+    in_file = lambda t: any(a <= t.untyped_storage().data_ptr() < b for a, b in mapped)
+    plain = [p for p in loaded.parameters() if type(p) is nn.Parameter]
+    assert mapped and any(in_file(p) for p in plain)  # from_pretrained left views of the file
+    with torch.no_grad():
+        before = loaded(ids).logits
+    copied = helper.detach_from_checkpoint(loaded)
+    assert copied == sum(helper.tensor_nbytes(p) for p in plain)
+    assert not any(in_file(p) for p in loaded.parameters() if type(p) is nn.Parameter)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # the tie survives
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)  # same values, now in the process's own memory
+    with pytest.raises(TypeError, match="nn.Module"):
+        helper.detach_from_checkpoint("model")
+
+
+def _file_ranges(path):
+    """Address ranges where this process maps `path` (from /proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        return [line.split()[0].split("-") for line in maps if line.rstrip().endswith(str(path))]

@@ -1,7 +1,8 @@
 """The speed ratios stored in the lessons agree with the capstone's committed table.
 
-Both come from the course's one timing protocol (helper.decode_timings: 32 new tokens after
-"The history of", a warm-up, interleaved rounds). A lesson prints each model's speed-up over fp32
+Both come from the course's one timing protocol (helper.decode_timings: new tokens after "The
+history of", a warm-up, interleaved rounds; the lessons generate helper.DECODE_TOKENS = 8 in 3
+rounds, the benchmark 32 in 5). A lesson prints each model's speed-up over fp32
 with the range of its per-round speed-ups; the capstone's table gives the same for each method,
 timed against an fp32 copy in the method's own process. The two agree when the ranges overlap. Stored
 outputs are regenerated on an idle machine (CONTRIBUTING.md), so this holds for what a learner
@@ -20,7 +21,10 @@ NOTEBOOKS = Path(helper.REPO_DIR) / "notebooks"
 # lesson notebook -> {name printed by helper.print_decode_speeds: method in the capstone table}
 LESSON_METHODS = {
     "02_loading_models_in_dtypes": {"bf16": "bf16", "fp16": "fp16"},
-    "03_linear_quantization_from_scratch": {"W8A16": "w8a16-scratch"},
+    # not Lesson 3's W8A16: it builds a float copy of every weight at every call, and whether the
+    # allocator serves that from reused heap or fresh pages depends on the process's history (0.47x to
+    # 1.5x fp32 in lesson runs, 0.98x to 1.23x in the benchmark). The lesson prints the benchmark's row
+    # next to its own and says why they can differ; CONTRIBUTING.md, "Timing".
     "05_quantization_with_quanto": {"int8": "quanto-int8"},
     "06_dynamic_quantization": {
         "torch.ao dynamic": "torch.ao-dynamic-int8",
@@ -76,6 +80,18 @@ def test_lesson_speedups_agree_with_the_capstone(stem):
         assert low <= t_high and t_low <= high, (
             f"{stem}: {name} speed-up over fp32 {low:.2f}–{high:.2f}, capstone {method} {t_low:.2f}–{t_high:.2f}"
         )
+
+
+def test_lesson3_prints_the_benchmarks_w8a16_row_next_to_its_own():
+    """W8A16 is left out above; instead Lesson 3 shows the capstone's measurement beside its own."""
+    w8 = {r["method"]: r for r in helper.read_benchmark()[1]}["w8a16-scratch"]
+    text = "".join(
+        output.get("text", "")
+        for cell in nbformat.read(NOTEBOOKS / "03_linear_quantization_from_scratch.ipynb", as_version=4).cells
+        for output in cell.get("outputs", [])
+    )
+    assert "W8A16" in stored_speedups("03_linear_quantization_from_scratch")
+    assert f"capstone benchmark, W8A16 in a fresh process: {w8['decode_speedup']:.2f}x fp32" in text
 
 
 def test_the_parser_reads_what_print_decode_speeds_prints(capsys):
