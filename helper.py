@@ -478,21 +478,81 @@ def fresh_process_peak_mb(code: str, timeout: float = 600.0) -> float:
     return float(lines[-1].split()[1])
 
 
+_FORK_SERVER = r"""
+import json, os, sys, traceback
+import torch, transformers, helper  # imported once here; every child is forked with them loaded
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # and transformers' lazy modules
+
+job = json.loads(sys.stdin.read())
+pending, running, results = list(job["codes"].items()), {}, {}
+while pending or running:
+    while pending and len(running) < job["workers"]:
+        name, code = pending.pop(0)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: run the code, report its own high-water mark, exit
+            os.close(read_end)
+            try:
+                exec(compile(code, name, "exec"), {"__name__": "__main__"})
+                message = {"peak_mb": helper.peak_rss_mb()}
+            except BaseException:
+                message = {"error": traceback.format_exc()[-2000:]}  # small: fits the pipe's buffer
+            os.write(write_end, json.dumps(message).encode())
+            os._exit(0)
+        os.close(write_end)
+        running[pid] = (name, read_end)
+    pid, _ = os.wait()
+    name, read_end = running.pop(pid)
+    with os.fdopen(read_end) as pipe:
+        results[name] = json.loads(pipe.read() or '{"error": "the child died without a report"}')
+print("__PEAKS__", json.dumps(results))
+"""
+
+
 def fresh_process_peaks_mb(codes: dict[str, str], workers: int = 2, timeout: float = 600.0) -> dict[str, float]:
-    """`fresh_process_peak_mb` of each named piece of code, `workers` processes at a time.
+    """Peak resident memory (MB) of each named piece of code, each run in a process of its own.
 
-    Each child reports its own high-water mark, so running two at once changes only the wall time
-    (Lesson 2's five children: 13 s instead of 22 s on two cores).
+    Faster than `fresh_process_peak_mb` per piece: one fresh interpreter imports torch,
+    transformers and helper once, then forks a child per piece, `workers` at a time (Lesson 2's
+    five: 6-7 s instead of 12 s with a fresh interpreter each, two at a time). A forked child's
+    high-water mark (VmHWM) is its own, not the server's: it starts at the memory the child
+    shares with the server (the imported libraries) and grows with what the child touches.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    import json
+    import signal
+    import subprocess
+    import sys
 
-    if not isinstance(codes, dict) or not codes:
-        raise TypeError("fresh_process_peaks_mb expects a non-empty dict of name -> Python source")
+    if not isinstance(codes, dict) or not codes or not all(isinstance(c, str) for c in codes.values()):
+        raise TypeError("fresh_process_peaks_mb expects a non-empty dict of name -> Python source (str)")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {name: pool.submit(fresh_process_peak_mb, code, timeout) for name, code in codes.items()}
-        return {name: future.result() for name, future in futures.items()}
+    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+    with subprocess.Popen(
+        [sys.executable, "-c", _FORK_SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_DIR,
+        env=env,
+        start_new_session=True,  # its own process group: a timeout stops the children too
+    ) as server:
+        try:
+            out, err = server.communicate(json.dumps({"codes": codes, "workers": workers}), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.communicate()
+            raise TimeoutError(f"fresh_process_peaks_mb: the children did not finish within {timeout} s") from None
+    lines = [line for line in out.splitlines() if line.startswith("__PEAKS__ ")]
+    if server.returncode != 0 or not lines:
+        raise RuntimeError(f"the process that forks the children failed (exit {server.returncode}):\n{err[-2000:]}")
+    results = json.loads(lines[-1].split(" ", 1)[1])
+    failed = {name: r["error"] for name, r in results.items() if "error" in r}
+    if failed:
+        name, error = next(iter(failed.items()))
+        raise RuntimeError(f"the child running {name!r} failed:\n{error}")
+    return {name: results[name]["peak_mb"] for name in codes}
 
 
 def peak_rss_mb() -> float:
@@ -1445,8 +1505,12 @@ def blockwise_nf4_rtn(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
     absmax = x.abs().amax(1, keepdim=True)
     scaled = x / torch.where(absmax == 0, torch.ones_like(absmax), absmax)
     midpoints = (levels[1:] + levels[:-1]) / 2
-    codes = torch.bucketize(scaled, midpoints)  # nearest level (ties go up)
-    return (levels[codes] * absmax).reshape(w.shape)
+    # nearest level: the code counts the midpoints below the value (torch.bucketize's answer,
+    # three times faster as 15 comparisons than as a binary search per value)
+    codes = torch.zeros(scaled.shape, dtype=torch.uint8)
+    for midpoint in midpoints.tolist():
+        codes += scaled > midpoint
+    return (levels.take(codes.long()) * absmax).reshape(w.shape)
 
 
 def distinct_values_per_block(w: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -1687,6 +1751,10 @@ def logits_diff(model_a: nn.Module, model_b: nn.Module, input_ids: torch.Tensor)
     return diff.mean().item(), diff.max().item()
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once every layer of interest has seen its input."""
+
+
 def activation_absmax(
     model: nn.Module,
     tokenizer,
@@ -1698,16 +1766,23 @@ def activation_absmax(
     """Per-input-channel max |activation| entering each selected module (default: every nn.Linear).
 
     The model reads the first `max_tokens` tokens of `text` (default eval_text), or else `ids`
-    (batch, tokens), one row at a time (Lesson 8 calibrates on calibration_ids).
+    (batch, tokens), one row at a time (Lesson 8 calibrates on calibration_ids). Each forward pass
+    stops once every selected module has seen its input (for a language model's linear layers,
+    before `lm_head` computes the logits, a fifth of SmolLM2's pass over 512 tokens), which
+    assumes each selected module runs once per pass, as every nn.Linear of the course's models does.
     """
     keep = module_filter or (lambda name, module: isinstance(module, nn.Linear))
     absmax: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
             channel_max = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)  # (in_features,)
             absmax[name] = torch.maximum(absmax[name], channel_max) if name in absmax else channel_max
+            seen.add(name)
+            if len(seen) == len(handles):
+                raise _StopForward
 
         return record
 
@@ -1719,7 +1794,9 @@ def activation_absmax(
     try:
         with torch.no_grad():
             for row in ids:
-                model(input_ids=row.unsqueeze(0))
+                seen.clear()
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=row.unsqueeze(0))
     finally:
         for handle in handles:
             handle.remove()
@@ -1818,10 +1895,6 @@ def calibration_ids(tokenizer, n_tokens: int = 2048, seq_len: int = 512) -> torc
     if ids.numel() < n_tokens:
         raise ValueError(f"the calibration text has {ids.numel()} tokens; {n_tokens} were asked for")
     return ids[:n_tokens].reshape(-1, seq_len)
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once every layer of interest has seen its input."""
 
 
 def run_with_input_hooks(model: nn.Module, ids: torch.Tensor, names: list[str], consume, skip_first: int = 0) -> None:

@@ -97,9 +97,12 @@ def execute(path: Path, position: str = "") -> tuple[nbformat.NotebookNode, floa
     notebook.cells.append(nbformat.v4.new_code_cell(PEAK_PROBE))
     start = time.perf_counter()
     with tqdm(total=cells, desc=f"{position}{path.stem}", unit="cell", file=sys.stdout, leave=False) as bar:
-        ProgressExecutor(bar, sections, timeout=CELL_TIMEOUT_S, kernel_name="python3").preprocess(
-            notebook, {"metadata": {"path": str(path.parent)}}
+        # "immediate": the kernel is killed once the peak is read, instead of waiting for it to free a
+        # lesson's models on the way out (about 1 s a lesson)
+        executor = ProgressExecutor(
+            bar, sections, timeout=CELL_TIMEOUT_S, kernel_name="python3", shutdown_kernel="immediate"
         )
+        executor.preprocess(notebook, {"metadata": {"path": str(path.parent)}})
     seconds = time.perf_counter() - start
     probe = notebook.cells.pop()
     text = "".join(o.get("text", "") for o in probe.outputs)

@@ -206,3 +206,28 @@ def test_fresh_process_peaks_runs_each_child_apart_and_keeps_the_names():
         helper.fresh_process_peaks_mb({})
     with pytest.raises(ValueError, match="workers"):
         helper.fresh_process_peaks_mb({"idle": "pass"}, workers=0)
+    with pytest.raises(TypeError, match="str"):
+        helper.fresh_process_peaks_mb({"idle": b"pass"})
+
+
+@pytest.mark.slow
+def test_fresh_process_peaks_children_do_not_inherit_the_caller_or_the_server_peak():
+    ballast = b"y" * 800_000_000  # this process holds 800 MB; ru_maxrss would carry it into a child
+    assert helper.peak_rss_mb() > 800
+    code = "import helper\nspike = b'z' * 300_000_000\ndel spike"  # the first child's peak: +300 MB
+    peaks = helper.fresh_process_peaks_mb({"spike": code, "after": "pass"}, workers=1)
+    del ballast
+    assert peaks["after"] < 600  # forked after the spike: the server never held it
+    assert peaks["spike"] - peaks["after"] > 250
+
+
+@pytest.mark.slow
+def test_fresh_process_peaks_reports_which_child_failed():
+    with pytest.raises(RuntimeError, match=r"'bad'(.|\n)*ZeroDivisionError"):
+        helper.fresh_process_peaks_mb({"fine": "pass", "bad": "1 / 0"})
+
+
+@pytest.mark.slow
+def test_fresh_process_peaks_stops_a_child_that_hangs():
+    with pytest.raises(TimeoutError, match="did not finish"):
+        helper.fresh_process_peaks_mb({"hangs": "import time\ntime.sleep(600)"}, timeout=8)

@@ -124,3 +124,17 @@ def test_activation_absmax_matches_manual_and_removes_hooks():
     assert set(only) == {"fc2"}
     with pytest.raises(ValueError):
         helper.activation_absmax(model, tokenizer, text, module_filter=lambda n, m: False)
+
+
+def test_activation_absmax_stops_each_pass_after_the_last_selected_module():
+    model = _TinyLM().eval()
+    ran = []
+    model.fc2.register_forward_hook(lambda module, args, out: ran.append("fc2"))
+    ids = torch.tensor([[0, 1, 2], [3, 4, 0]])  # two rows: every row is read
+    first = helper.activation_absmax(model, None, ids=ids, module_filter=lambda n, m: n == "fc1")
+    assert ran == []  # fc2 (after fc1) never ran
+    with torch.no_grad():
+        x = model.embed(ids)
+    assert torch.equal(first["fc1"], x.reshape(-1, x.shape[-1]).abs().amax(0))
+    helper.activation_absmax(model, None, ids=ids)  # fc2 selected: it runs its pre-hook, then the pass stops
+    assert ran == [] and all(not m._forward_pre_hooks for m in model.modules())
