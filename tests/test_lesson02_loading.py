@@ -71,6 +71,7 @@ def test_default_dtype_restores_when_the_block_raises():
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_independent  # process memory, no kernel: the forced-AVX2 pass leaves it out
 def test_fresh_process_peak_sees_the_child_allocation():
     idle = helper.fresh_process_peak_mb("pass")
     busy = helper.fresh_process_peak_mb("data = b'x' * 200_000_000")  # touches 200 MB
@@ -79,6 +80,7 @@ def test_fresh_process_peak_sees_the_child_allocation():
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_independent  # process memory, no kernel: the forced-AVX2 pass leaves it out
 def test_fresh_process_peak_does_not_inherit_the_parent_size():
     ballast = b"y" * 800_000_000  # the parent holds 800 MB: ru_maxrss would leak it to the child
     assert helper.peak_rss_mb() > 800
@@ -86,6 +88,7 @@ def test_fresh_process_peak_does_not_inherit_the_parent_size():
     del ballast
 
 
+@pytest.mark.cpu_independent  # process memory, no kernel: the forced-AVX2 pass leaves it out
 def test_fresh_process_peak_reports_child_errors():
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         helper.fresh_process_peak_mb("1 / 0")
@@ -198,10 +201,17 @@ def test_only_floating_inputs_are_cast(tiny_blip):
 
 
 @pytest.mark.slow
-def test_fresh_process_peaks_runs_each_child_apart_and_keeps_the_names():
-    peaks = helper.fresh_process_peaks_mb({"idle": "pass", "busy": "data = b'x' * 200_000_000", "idle2": "pass"})
+@pytest.mark.cpu_independent  # process memory, no kernel: the forced-AVX2 pass leaves it out
+def test_fresh_process_peaks_each_child_has_its_own_peak_and_keeps_its_name():
+    ballast = b"y" * 800_000_000  # this process holds 800 MB; ru_maxrss would carry it into a child
+    assert helper.peak_rss_mb() > 800
+    codes = {"idle": "pass", "busy": "data = b'x' * 300_000_000\ndel data", "idle2": "pass"}
+    peaks = helper.fresh_process_peaks_mb(codes, workers=1)  # one after the other: idle2 is forked after busy
+    del ballast
     assert list(peaks) == ["idle", "busy", "idle2"]
-    assert peaks["busy"] - peaks["idle"] > 150 and abs(peaks["idle2"] - peaks["idle"]) < 50  # no child sees another
+    assert peaks["idle"] < 600  # not the caller's 800 MB
+    assert peaks["busy"] - peaks["idle"] > 250  # the child's own 300 MB
+    assert abs(peaks["idle2"] - peaks["idle"]) < 50  # not the earlier child's peak: the server never held it
     with pytest.raises(TypeError, match="non-empty dict"):
         helper.fresh_process_peaks_mb({})
     with pytest.raises(ValueError, match="workers"):
@@ -211,23 +221,20 @@ def test_fresh_process_peaks_runs_each_child_apart_and_keeps_the_names():
 
 
 @pytest.mark.slow
-def test_fresh_process_peaks_children_do_not_inherit_the_caller_or_the_server_peak():
-    ballast = b"y" * 800_000_000  # this process holds 800 MB; ru_maxrss would carry it into a child
-    assert helper.peak_rss_mb() > 800
-    code = "import helper\nspike = b'z' * 300_000_000\ndel spike"  # the first child's peak: +300 MB
-    peaks = helper.fresh_process_peaks_mb({"spike": code, "after": "pass"}, workers=1)
-    del ballast
-    assert peaks["after"] < 600  # forked after the spike: the server never held it
-    assert peaks["spike"] - peaks["after"] > 250
-
-
-@pytest.mark.slow
+@pytest.mark.cpu_independent  # process memory, no kernel: the forced-AVX2 pass leaves it out
 def test_fresh_process_peaks_reports_which_child_failed():
     with pytest.raises(RuntimeError, match=r"'bad'(.|\n)*ZeroDivisionError"):
         helper.fresh_process_peaks_mb({"fine": "pass", "bad": "1 / 0"})
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_independent  # process memory, no kernel: the forced-AVX2 pass leaves it out
 def test_fresh_process_peaks_stops_a_child_that_hangs():
+    import psutil
+
+    code = "import time\ntime.sleep(600)  # fresh_process_peaks_mb test"
     with pytest.raises(TimeoutError, match="did not finish"):
-        helper.fresh_process_peaks_mb({"hangs": "import time\ntime.sleep(600)"}, timeout=8)
+        helper.fresh_process_peaks_mb({"hangs": code}, timeout=6)
+    time.sleep(0.5)
+    left = [p for p in psutil.process_iter(["cmdline"]) if "__PEAKS__" in " ".join(p.info["cmdline"] or [])]
+    assert not left  # the server and its children were stopped
