@@ -15,6 +15,26 @@ def test_setup_notebook_seeds_torch_and_numpy():
     assert torch.equal(first[0], torch.rand(3)) and np.array_equal(first[1], np.random.rand(3))
 
 
+def test_setup_notebook_freezes_what_exists_and_still_collects_what_comes_later():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    try:
+        helper.setup_notebook()
+        assert gc.get_freeze_count() > 0
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a reference cycle created after the freeze
+        alive = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert alive() is None  # collected as usual
+    finally:
+        gc.unfreeze()  # the rest of the test session as before
+
+
 def test_versions_reports_what_is_installed(monkeypatch):
     from importlib import metadata
 
