@@ -1515,13 +1515,21 @@ def blockwise_nf4_rtn(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
     x = w.detach().float().reshape(-1, group_size)
     absmax = x.abs().amax(1, keepdim=True)
     scaled = x / torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-    midpoints = (levels[1:] + levels[:-1]) / 2
-    # nearest level: the code counts the midpoints below the value (torch.bucketize's answer,
-    # three times faster as 15 comparisons than as a binary search per value)
-    codes = torch.zeros(scaled.shape, dtype=torch.uint8)
-    for midpoint in midpoints.tolist():
-        codes += scaled > midpoint
+    codes = nearest_level_codes(scaled, (levels[1:] + levels[:-1]) / 2)
     return (levels.take(codes.long()) * absmax).reshape(w.shape)
+
+
+def nearest_level_codes(x: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
+    """uint8 index of the nearest of a sorted set of levels, given the midpoints between them.
+
+    The index counts the midpoints below each value (a value on a midpoint takes the lower
+    level): torch.bucketize's answer, computed as one comparison per midpoint, which is about
+    three times faster on a CPU than bucketize's binary search per value for NF4's 15 midpoints.
+    """
+    codes = torch.zeros(x.shape, dtype=torch.uint8)
+    for midpoint in midpoints.tolist():
+        codes += x > midpoint
+    return codes
 
 
 def distinct_values_per_block(w: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -2466,13 +2474,17 @@ def nf4_quantize(w: torch.Tensor, group_size: int | None = 128) -> GroupQuant:
     levels = nf4_levels()
     midpoints = (levels[1:] + levels[:-1]) / 2
     w = w.detach().float()
+    out, cols = w.shape
+    whole = cols - cols % g  # the columns in whole groups, done at once; a shorter last group after them
     codes, scales = [], []
-    for start in range(0, w.shape[1], g):
-        block = w[:, start : start + g]
-        absmax = block.abs().amax(1, keepdim=True)  # (out, 1)
-        codes.append(torch.bucketize(block / torch.where(absmax == 0, 1.0, absmax), midpoints))  # nearest level
-        scales.append(absmax)
-    return GroupQuant(torch.cat(codes, 1).to(torch.uint8), torch.cat(scales, 1), None, g, levels)
+    for block in (w[:, :whole].reshape(out, -1, g), w[:, whole:].reshape(out, 1, -1) if whole < cols else None):
+        if block is None:
+            continue
+        absmax = block.abs().amax(2, keepdim=True)  # (out, groups, 1)
+        scaled = block / torch.where(absmax == 0, 1.0, absmax)
+        codes.append(nearest_level_codes(scaled, midpoints).reshape(out, -1))
+        scales.append(absmax.reshape(out, -1))
+    return GroupQuant(torch.cat(codes, 1), torch.cat(scales, 1), None, g, levels)
 
 
 class GroupQuantLinear(nn.Module):
