@@ -158,3 +158,12 @@ def test_every_tensor_of_the_packaged_file_round_trips():
             data = mine
         assert torch.equal(data.reshape(state[name].shape), state[name]), name
     assert kinds == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+
+
+def test_nearest_level_codes_is_bucketize_with_ties_to_the_lower_level():
+    midpoints = torch.tensor([0.5, 2.0])  # levels 0, 1, 3
+    x = torch.tensor([-1.0, 0.0, 0.5, 0.6, 2.0, 2.1, 5.0])
+    codes = helper.nearest_level_codes(x, midpoints)
+    assert codes.dtype == torch.uint8
+    assert codes.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert torch.equal(codes.long(), torch.bucketize(x, midpoints))
