@@ -1602,6 +1602,88 @@ def read_gguf_tensors(source=None) -> dict[str, tuple[str, torch.Tensor]]:
     return out
 
 
+def gguf_tensor_infos(path: str | Path | None = None) -> dict[str, dict]:
+    """{GGUF tensor name: {"type", "shape", "offset", "n_bytes"}} read straight from a GGUF header.
+
+    gguf.GGUFReader parses every metadata value (SmolLM2's file holds about 100,000 tokenizer
+    strings) and takes seconds; this reads the header's layout and skips the values:
+    magic "GGUF", version, tensor count, key/value count; each key/value (a length-prefixed
+    key, a value type, the value); then per tensor its name, its dims (GGUF order: the row
+    length first), its GGML type and its offset in the data section, which starts at the next
+    multiple of `general.alignment` (32 by default). type is the GGML type's name ("Q4_1");
+    offset is from the start of the file; n_bytes from the type's block size and bytes per block.
+    Equal to GGUFReader's tensors (tests/test_lesson04_gguf.py).
+    """
+    import mmap
+    import struct
+
+    import gguf
+
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # type -> bytes
+    path = Path(path or smollm2_gguf_path())
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 0
+
+        def take(fmt: str):
+            nonlocal pos
+            values = struct.unpack_from("<" + fmt, buf, pos)
+            pos += struct.calcsize("<" + fmt)
+            return values if len(values) > 1 else values[0]
+
+        def text() -> str:
+            nonlocal pos
+            size = take("Q")
+            pos += size
+            return bytes(buf[pos - size : pos]).decode("utf-8")
+
+        def skip(kind: int) -> None:
+            nonlocal pos
+            if kind in scalar:
+                pos += scalar[kind]
+            elif kind == 8:  # string: its length, then its bytes
+                size = take("Q")
+                pos += size
+            elif kind == 9:  # array: element type, count, elements
+                element, count = take("IQ")
+                if count > len(buf):  # every element takes a byte at least: a corrupt count
+                    raise struct.error(f"an array of {count} elements in a file of {len(buf)} bytes")
+                if element in scalar:
+                    pos += scalar[element] * count
+                else:
+                    for _ in range(count):
+                        skip(element)
+            else:
+                raise ValueError(f"{path.name}: unknown GGUF value type {kind} at byte {pos}")
+
+        try:
+            magic, version, n_tensors, n_kv = take("4sIQQ")
+            if magic != b"GGUF":
+                raise ValueError(f"{path.name} is not a GGUF file (it starts with {magic!r})")
+            alignment = 32
+            for _ in range(n_kv):
+                key, kind = text(), take("I")
+                if key == "general.alignment":
+                    alignment = take("I")
+                else:
+                    skip(kind)
+            infos = {}
+            for _ in range(n_tensors):
+                name = text()
+                n_dims = take("I")
+                shape = tuple(take("Q") for _ in range(n_dims))
+                ggml_type, offset = take("IQ")
+                infos[name] = {"type": ggml_type, "shape": shape, "offset": offset}
+        except struct.error as error:
+            raise ValueError(f"{path.name}: the GGUF header ends early ({error})") from None
+    data_start = -(-pos // alignment) * alignment
+    for info in infos.values():
+        kind = gguf.GGMLQuantizationType(info["type"])
+        block, per_block = gguf.GGML_QUANT_SIZES[kind]
+        info["type"], info["offset"] = kind.name, data_start + info["offset"]
+        info["n_bytes"] = math.prod(info["shape"]) // block * per_block
+    return infos
+
+
 class GGUFLinear(nn.Module):
     """A linear layer that keeps its weight as GGUF blocks and dequantizes them at every forward pass
     (as quanto does in Lesson 5; llama.cpp instead multiplies the blocks directly)."""

@@ -297,7 +297,6 @@ def measure_llama_cpp(folder: Path, args: argparse.Namespace) -> dict:
     Bytes held: the file's tensor data (its embedding is Q8_0 and also serves as the output layer,
     unlike the PyTorch rows, which keep that matrix in fp32).
     """
-    import gguf
     from transformers import AutoTokenizer
 
     if folder != helper.smollm2_dir():
@@ -308,8 +307,8 @@ def measure_llama_cpp(folder: Path, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     llm = helper.load_llama_cpp(n_ctx=args.window + 1)
     load_s = time.perf_counter() - start
-    path = helper.smollm2_gguf_path()
-    held = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    held = sum(t["n_bytes"] for t in helper.gguf_tensor_infos().values())  # the file's tensor data
+    file_bytes = helper.smollm2_gguf_path().stat().st_size
     ids = tokenizer(helper.eval_text(), return_tensors="pt").input_ids[0]
     nll = helper.llama_cpp_token_nll(llm, ids, n_tokens=args.ppl_tokens, window=args.window)
     peak_mb = helper.peak_rss_mb()
@@ -317,9 +316,7 @@ def measure_llama_cpp(folder: Path, args: argparse.Namespace) -> dict:
     times = helper.decode_timings(
         models, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats, warmup_tokens=args.new_tokens
     )
-    return make_row(
-        LLAMA_CPP, METHODS[LLAMA_CPP][0], held, path.stat().st_size, nll, times, load_s, peak_mb, args.new_tokens
-    )
+    return make_row(LLAMA_CPP, METHODS[LLAMA_CPP][0], held, file_bytes, nll, times, load_s, peak_mb, args.new_tokens)
 
 
 def make_row(method, library, held, reported, nll, times, load_s, peak_mb, new_tokens) -> dict:

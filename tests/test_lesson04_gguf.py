@@ -167,3 +167,64 @@ def test_nearest_level_codes_is_bucketize_with_ties_to_the_lower_level():
     assert codes.dtype == torch.uint8
     assert codes.tolist() == [0, 0, 0, 1, 1, 2, 2]
     assert torch.equal(codes.long(), torch.bucketize(x, midpoints))
+
+
+def _same_as_gguf_py(path):
+    import gguf
+
+    infos = helper.gguf_tensor_infos(path)
+    tensors = gguf.GGUFReader(path).tensors
+    assert list(infos) == [t.name for t in tensors]
+    for t in tensors:
+        assert infos[t.name] == {
+            "type": t.tensor_type.name,
+            "shape": tuple(int(n) for n in t.shape),
+            "offset": int(t.data_offset),
+            "n_bytes": int(t.n_bytes),
+        }
+    return infos
+
+
+def test_gguf_tensor_infos_equal_gguf_py_on_the_packaged_file():
+    infos = _same_as_gguf_py(helper.smollm2_gguf_path())
+    assert len(infos) == 272 and infos["token_embd.weight"]["type"] == "Q8_0"
+
+
+def test_gguf_tensor_infos_on_a_hand_written_file_with_every_value_kind(tmp_path):
+    import gguf
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_custom_alignment(64)  # general.alignment, not the default 32: the data section moves
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bé", ""])  # strings of other lengths
+    writer.add_array("some.floats", [0.5, 1.5])
+    writer.add_array("nested", [[1, 2], [3]])  # an array of arrays
+    writer.add_bool("flag", True)
+    writer.add_float64("pi", 3.14159)
+    writer.add_tensor("f32", np.arange(6, dtype=np.float32).reshape(2, 3))
+    q4_1 = helper.gguf_quantize(torch.randn(2, 64), "Q4_1").numpy()
+    writer.add_tensor("q4_1", q4_1, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    infos = _same_as_gguf_py(path)
+    assert infos["q4_1"]["type"] == "Q4_1" and infos["q4_1"]["n_bytes"] == 2 * 2 * 20  # 2 rows of 2 blocks
+    assert all(info["offset"] % 64 == 0 for info in infos.values())
+
+
+def test_gguf_tensor_infos_refuses_what_is_not_a_whole_gguf_header(tmp_path):
+    other = tmp_path / "not.gguf"
+    other.write_bytes(b"PK\x03\x04" + bytes(40))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        helper.gguf_tensor_infos(other)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(helper.smollm2_gguf_path().read_bytes()[:5000])  # inside the tokenizer's strings
+    with pytest.raises(ValueError, match="ends early"):
+        helper.gguf_tensor_infos(cut)
+    header = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+    key = (1).to_bytes(8, "little") + b"k" + (9).to_bytes(4, "little")  # one key whose value is an array
+    huge = tmp_path / "huge.gguf"
+    huge.write_bytes(header + key + (9).to_bytes(4, "little") + (2**62).to_bytes(8, "little"))  # of 2**62 arrays
+    with pytest.raises(ValueError, match="ends early"):
+        helper.gguf_tensor_infos(huge)  # refused at once, not a loop over 2**62 elements
