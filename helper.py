@@ -1409,6 +1409,15 @@ def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return (qs & 0x0F).reshape(qs.shape[0], -1)
 
 
+def _codes_from_nonnegative(y: torch.Tensor) -> torch.Tensor:
+    """trunc(y) as uint8 codes, at most 15, for y >= 0: the cast truncates (C's (uint8_t) cast).
+
+    The callers compute y in place: a new float32 tensor per step would cost the whole model's
+    weights (Lesson 4 quantizes all of them) in fresh memory pages each time, five times slower.
+    """
+    return y.to(torch.uint8).clamp_(max=15)
+
+
 def gguf_quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """Quantize a float tensor (..., cols) to GGUF blocks: uint8 of shape (..., cols / block * bytes).
 
@@ -1427,13 +1436,13 @@ def gguf_quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
         signed_max = x.gather(1, x.abs().argmax(1, keepdim=True))  # the largest magnitude, with its sign
         d = signed_max / -8
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        q = torch.trunc(x * inv + 8.5).to(torch.uint8).clamp(max=15)
+        q = _codes_from_nonnegative((x * inv).add_(8.5))  # x / d + 8.5 lies in [0.5, 16.5]
         out = torch.cat([_fp16_bytes(d), _pack_nibbles(q)], 1)
     else:  # Q4_1
         lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
         d = (hi - lo) / 15
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        q = torch.trunc((x - lo) * inv + 0.5).to(torch.uint8).clamp(max=15)
+        q = _codes_from_nonnegative((x - lo).mul_(inv).add_(0.5))  # (x - min) / d + 0.5 >= 0
         out = torch.cat([_fp16_bytes(d), _fp16_bytes(lo), _pack_nibbles(q)], 1)
     return out.reshape(*w.shape[:-1], -1)
 
@@ -1494,9 +1503,9 @@ def blockwise_minmax_rtn(
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
     d = (hi - lo) / levels
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.trunc((x - lo) * inv + 0.5).clamp(max=levels)
+    q = (x - lo).mul_(inv).add_(0.5).trunc_().clamp_(max=levels)  # in place: see _codes_from_nonnegative
     d, lo = d.to(param_dtype).float(), lo.to(param_dtype).float()
-    return (d * q + lo).reshape(w.shape)
+    return q.mul_(d).add_(lo).reshape(w.shape)  # d * q + lo
 
 
 def blockwise_nf4_rtn(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
