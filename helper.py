@@ -1412,8 +1412,8 @@ def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
 def _codes_from_nonnegative(y: torch.Tensor) -> torch.Tensor:
     """trunc(y) as uint8 codes, at most 15, for y >= 0: the cast truncates (C's (uint8_t) cast).
 
-    The callers compute y in place: a new float32 tensor per step would cost the whole model's
-    weights (Lesson 4 quantizes all of them) in fresh memory pages each time, five times slower.
+    The callers compute y in place: each out-of-place step would allocate (and the allocator
+    often fault in fresh pages for) another float32 tensor as large as the weights.
     """
     return y.to(torch.uint8).clamp_(max=15)
 
