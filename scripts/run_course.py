@@ -275,6 +275,10 @@ def fetch_vendor(folder: Path) -> None:
             subprocess.run(["tar", "xzf", str(tarball), "-C", str(folder / name), "--strip-components=1"], check=True)
 
 
+# A slide is narrower than the lesson page: long code and output lines wrap instead of being cut off.
+WRAP_LONG_LINES = "<style>.reveal pre { white-space: pre-wrap; overflow-wrap: anywhere; }</style>\n"
+
+
 def write_slides(paths: list[Path], out: Path) -> list[Path]:
     """One reveal.js deck per lesson, from its stored outputs, into `out` (with vendor/ beside them)."""
     fetch_vendor(out / "vendor")
@@ -287,6 +291,7 @@ def write_slides(paths: list[Path], out: Path) -> list[Path]:
     written = []
     for path in paths:
         body, _ = exporter.from_notebook_node(slide_cells(nbformat.read(path, as_version=4)))
+        body = body.replace("</head>", WRAP_LONG_LINES + "</head>", 1)
         written.append(out / f"{path.stem}.slides.html")
         written[-1].write_text(body)
     return written

@@ -123,6 +123,7 @@ def test_slides_start_reveal_and_leave_the_solutions_out(built):
     headings = sum(len(re.findall(r"^#{1,2}\s", c.source, re.M)) for c in notebook.cells if c.cell_type == "markdown")
     stacks = re.findall(r'<section[^>]*class="stack\b', dom)  # reveal.js's top-level slides, once started
     assert len(stacks) == headings >= 9  # the title, Setup, the numbered sections, Exercises, the summary
+    assert "white-space: pre-wrap" in dom  # long code lines wrap on a slide instead of being cut off
 
 
 def test_screenshots_render(built):
