@@ -465,6 +465,11 @@ def asset_path(name: str) -> Path:
 _PEAK_SNIPPET = "import helper as _helper; print('__PEAK_MB__', _helper.peak_rss_mb())"
 
 
+def _child_env() -> dict[str, str]:
+    """The environment of a measuring child process: this one's, with progress bars and warnings quiet."""
+    return dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+
+
 def fresh_process_peak_mb(code: str, timeout: float = 600.0) -> float:
     """Run Python `code` in a fresh interpreter and return that process's peak resident memory in MB."""
     import subprocess
@@ -472,14 +477,13 @@ def fresh_process_peak_mb(code: str, timeout: float = 600.0) -> float:
 
     if not isinstance(code, str):
         raise TypeError(f"fresh_process_peak_mb expects Python source as a str, got {type(code).__name__}")
-    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run(
         [sys.executable, "-c", code + "\n" + _PEAK_SNIPPET],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO_DIR,
-        env=env,
+        env=_child_env(),
     )
     if result.returncode != 0:
         raise RuntimeError(f"the child process failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
@@ -538,7 +542,6 @@ def fresh_process_peaks_mb(codes: dict[str, str], workers: int = 2, timeout: flo
         raise TypeError("fresh_process_peaks_mb expects a non-empty dict of name -> Python source (str)")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     with subprocess.Popen(
         [sys.executable, "-c", _FORK_SERVER],
         stdin=subprocess.PIPE,
@@ -546,7 +549,7 @@ def fresh_process_peaks_mb(codes: dict[str, str], workers: int = 2, timeout: flo
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO_DIR,
-        env=env,
+        env=_child_env(),
         start_new_session=True,  # its own process group: a timeout stops the children too
     ) as server:
         try:
@@ -1672,6 +1675,8 @@ def gguf_tensor_infos(path: str | Path | None = None) -> dict[str, dict]:
             for _ in range(n_kv):
                 key, kind = text(), take("I")
                 if key == "general.alignment":
+                    if kind != 4:
+                        raise ValueError(f"{path.name}: general.alignment must be a uint32 (type 4), not type {kind}")
                     alignment = take("I")
                 else:
                     skip(kind)
@@ -1865,6 +1870,38 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once every layer of interest has seen its input."""
 
 
+def run_rows_until_seen(model: nn.Module, ids: torch.Tensor, modules: dict[str, nn.Module], record) -> None:
+    """Run a causal LM on each row of `ids` (batch, tokens); record(name, x) gets the input x of
+    every named module, and each pass stops once all of them have seen theirs.
+
+    What comes after the last of them (for the linear layers, `lm_head`'s logits: a fifth of
+    SmolLM2's pass over 512 tokens) would compute nothing that is used. This assumes each module
+    runs once per pass, as every nn.Linear of the course's models does. Used by activation_absmax
+    (Lesson 6) and run_with_input_hooks (Lesson 8).
+    """
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def pre(module: nn.Module, args: tuple) -> None:
+            record(name, args[0])
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _StopForward
+
+        return pre
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            for row in ids:
+                seen.clear()
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=row.unsqueeze(0))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def activation_absmax(
     model: nn.Module,
     tokenizer,
@@ -1876,40 +1913,23 @@ def activation_absmax(
     """Per-input-channel max |activation| entering each selected module (default: every nn.Linear).
 
     The model reads the first `max_tokens` tokens of `text` (default eval_text), or else `ids`
-    (batch, tokens), one row at a time (Lesson 8 calibrates on calibration_ids). Each forward pass
-    stops once every selected module has seen its input (for a language model's linear layers,
-    before `lm_head` computes the logits, a fifth of SmolLM2's pass over 512 tokens), which
-    assumes each selected module runs once per pass, as every nn.Linear of the course's models does.
+    (batch, tokens), one row at a time (Lesson 8 calibrates on calibration_ids); each pass stops
+    after the last selected module (`run_rows_until_seen`).
     """
     keep = module_filter or (lambda name, module: isinstance(module, nn.Linear))
-    absmax: dict[str, torch.Tensor] = {}
-    seen: set[str] = set()
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
-            channel_max = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)  # (in_features,)
-            absmax[name] = torch.maximum(absmax[name], channel_max) if name in absmax else channel_max
-            seen.add(name)
-            if len(seen) == len(handles):
-                raise _StopForward
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if keep(n, m)]
-    if not handles:
+    modules = {name: module for name, module in model.named_modules() if keep(name, module)}
+    if not modules:
         raise ValueError("activation_absmax: module_filter selected no module")
     if ids is None:
         ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[:, :max_tokens]
-    try:
-        with torch.no_grad():
-            for row in ids:
-                seen.clear()
-                with contextlib.suppress(_StopForward):
-                    model(input_ids=row.unsqueeze(0))
-    finally:
-        for handle in handles:
-            handle.remove()
+    absmax: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        channel_max = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)  # (in_features,)
+        absmax[name] = torch.maximum(absmax[name], channel_max) if name in absmax else channel_max
+
+    run_rows_until_seen(model, ids, modules, record)
     return absmax
 
 
@@ -2013,8 +2033,8 @@ def run_with_input_hooks(model: nn.Module, ids: torch.Tensor, names: list[str], 
 
     `skip_first` drops the first tokens of every row: the first token of a sequence carries
     "massive activations" (hundreds of times the others' size, Lesson 8) that would dominate
-    statistics meant for ordinary tokens. The forward pass stops after the last named layer
-    (later layers would compute nothing that is used).
+    statistics meant for ordinary tokens. Each pass stops after the last named layer
+    (`run_rows_until_seen`).
     """
     modules = dict(model.named_modules())
     missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
@@ -2022,27 +2042,12 @@ def run_with_input_hooks(model: nn.Module, ids: torch.Tensor, names: list[str], 
         raise ValueError(f"run_with_input_hooks: not nn.Linear layers of the model: {missing[:3] or names}")
     if ids.dim() != 2 or ids.shape[1] <= skip_first:
         raise ValueError(f"ids must be (batch, tokens) with more than skip_first={skip_first} tokens")
-    seen: set[str] = set()
-
-    def hook(name):
-        def record(module, args):
-            consume(name, args[0].detach()[:, skip_first:].reshape(-1, args[0].shape[-1]))
-            seen.add(name)
-            if len(seen) == len(names):
-                raise _StopForward
-
-        return record
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for row in ids:
-                seen.clear()
-                with contextlib.suppress(_StopForward):
-                    model(input_ids=row.unsqueeze(0))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_rows_until_seen(
+        model,
+        ids,
+        {n: modules[n] for n in names},
+        lambda name, x: consume(name, x.detach()[:, skip_first:].reshape(-1, x.shape[-1])),
+    )
 
 
 def linear_inputs(
@@ -2567,10 +2572,9 @@ def nf4_quantize(w: torch.Tensor, group_size: int | None = 128) -> GroupQuant:
     w = w.detach().float()
     out, cols = w.shape
     whole = cols - cols % g  # the columns in whole groups, done at once; a shorter last group after them
+    blocks = [w[:, :whole].reshape(out, -1, g)] + ([w[:, whole:].reshape(out, 1, -1)] if whole < cols else [])
     codes, scales = [], []
-    for block in (w[:, :whole].reshape(out, -1, g), w[:, whole:].reshape(out, 1, -1) if whole < cols else None):
-        if block is None:
-            continue
+    for block in blocks:  # (out, groups, group size)
         absmax = block.abs().amax(2, keepdim=True)  # (out, groups, 1)
         scaled = block / torch.where(absmax == 0, 1.0, absmax)
         codes.append(nearest_level_codes(scaled, midpoints).reshape(out, -1))

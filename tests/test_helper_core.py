@@ -7,12 +7,17 @@ import helper
 
 
 def test_setup_notebook_seeds_torch_and_numpy():
+    import gc
+
     import numpy as np
 
-    helper.setup_notebook(seed=7)
-    first = (torch.rand(3), np.random.rand(3))
-    helper.setup_notebook(seed=7)
-    assert torch.equal(first[0], torch.rand(3)) and np.array_equal(first[1], np.random.rand(3))
+    try:
+        helper.setup_notebook(seed=7)
+        first = (torch.rand(3), np.random.rand(3))
+        helper.setup_notebook(seed=7)
+        assert torch.equal(first[0], torch.rand(3)) and np.array_equal(first[1], np.random.rand(3))
+    finally:
+        gc.unfreeze()  # setup_notebook froze this test session's objects: collectable again
 
 
 def test_setup_notebook_freezes_what_exists_and_still_collects_what_comes_later():

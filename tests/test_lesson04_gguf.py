@@ -218,6 +218,16 @@ def test_gguf_tensor_infos_refuses_what_is_not_a_whole_gguf_header(tmp_path):
     other.write_bytes(b"PK\x03\x04" + bytes(40))
     with pytest.raises(ValueError, match="not a GGUF file"):
         helper.gguf_tensor_infos(other)
+    import gguf
+
+    wrong = tmp_path / "wrong.gguf"
+    writer = gguf.GGUFWriter(str(wrong), "llama")
+    writer.add_uint64("general.alignment", 64)  # the format says uint32
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="must be a uint32"):
+        helper.gguf_tensor_infos(wrong)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(helper.smollm2_gguf_path().read_bytes()[:5000])  # inside the tokenizer's strings
     with pytest.raises(ValueError, match="ends early"):
