@@ -46,13 +46,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without the editable install, too
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import helper  # (sets the torchao loggers before torchao is imported)
 
-import helper  # noqa: E402  (sets the torchao loggers before torchao is imported)
+REPO = helper.REPO_DIR
 
 RESULTS_DIR = helper.BENCHMARK_DIR
 CSV_NAME = "smollm2_cpu.csv"

@@ -48,8 +48,7 @@ def main(paths: list[str]) -> int:
         bounds = "true" if first["low"] is None and first["high"] is None else f"[{low}, {high}]"
         values = [fmt(log[text]["value"]) if text in log else "not run" for _, log in logs]
         print(f"| {text} | {bounds} | " + " | ".join(values) + " |")
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_helper_notebook_structure import NOTEBOOKS, output_checks
+    from helper import NOTEBOOKS, output_checks
 
     print("\n| lesson | cells with output | compared exactly | backed by an assertion | ignored, unbacked |")
     print("|---|---:|---:|---:|---:|")

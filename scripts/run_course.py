@@ -40,6 +40,8 @@ from nbconvert import HTMLExporter, SlidesExporter
 from nbconvert.preprocessors import ExecutePreprocessor
 from tqdm.auto import tqdm
 
+from quantcourse.core.memory import PEAK_SNIPPET
+
 REPO = Path(__file__).resolve().parents[1]
 # The whole course on a 2-core laptop-class machine: `make course` in 5 minutes, no kernel above 3 GB.
 # The lessons' own budgets (notebook metadata) add up to at most LESSONS_BUDGET_S; the rest of the
@@ -58,7 +60,7 @@ VENDOR = {  # npm package: (folder under build/slides/vendor, the file the slide
 CELL_TIMEOUT_S = 1200
 SECTION = re.compile(r"^##\s+(.+)$", re.M)  # "## 3. A whole token" (a numbered section, Setup, Exercises...)
 
-PEAK_PROBE = "import helper as _h\nprint('__PEAK_MB__', _h.peak_rss_mb())"
+PEAK_PROBE = PEAK_SNIPPET  # the probe helper.fresh_process_peak_mb runs in its children
 
 
 def sections_by_cell(notebook: nbformat.NotebookNode) -> list[str]:

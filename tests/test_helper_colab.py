@@ -11,7 +11,6 @@ with the interpreter running the tests, or QUANT_COURSE_COLAB_PYTHON (e.g. a pyt
 Colab has; its wheels may then come from PyPI).
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -34,11 +33,7 @@ OTHER_TORCH = "2.14.1"  # in the local index /opt/pypi-more (a CUDA build); the 
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return helper.load_script(f"scripts/{name}.py")
 
 
 colab_setup = _script("colab_setup")

@@ -6,23 +6,17 @@ The budgets live in each notebook's metadata (`course.budget_s`, `course.budget_
 against regressions on the machine that refreshed the outputs, not a benchmark.
 """
 
-import importlib.util
-from pathlib import Path
-
 import nbformat
 import pytest
 
 import helper
 
-NOTEBOOKS = sorted((Path(helper.REPO_DIR) / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = helper.NOTEBOOKS
 SLACK = 1.5
 
 
 def _run_course():
-    spec = importlib.util.spec_from_file_location("run_course", Path(helper.REPO_DIR) / "scripts" / "run_course.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helper.load_script("scripts/run_course.py")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import helper
+from quantcourse.core import models
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +106,10 @@ def test_cache_is_hashed_once_then_checked_by_size_and_time(tmp_path, monkeypatc
     folder = tmp_path / "cache"
     folder.mkdir()
     (folder / "weights.bin").write_bytes(b"\x01" * 1000)
-    helper._write_manifest(folder)
+    models._write_manifest(folder)
     hashed = []
-    real_sha256 = helper._sha256
-    monkeypatch.setattr(helper, "_sha256", lambda p: hashed.append(p.name) or real_sha256(p))
+    real_sha256 = models._sha256
+    monkeypatch.setattr(models, "_sha256", lambda p: hashed.append(p.name) or real_sha256(p))
     assert helper.cache_is_valid(folder) and hashed == ["weights.bin"]  # first check: full
     assert helper.cache_is_valid(folder) and hashed == ["weights.bin"]  # then: sizes and times only
     assert helper.cache_is_valid(folder, full=True) and len(hashed) == 2

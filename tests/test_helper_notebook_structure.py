@@ -5,13 +5,13 @@ These checks read the stored notebooks (nbval re-executes them separately).
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import nbformat
 import pytest
-from nbval.plugin import find_comment_markers
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+from helper import NOTEBOOKS, output_checks
+from helper import cell_markers as _markers
+from helper import is_ignored as _is_ignored
 
 
 def _code_cells(path):
@@ -45,20 +45,6 @@ def test_lesson_is_stored_executed_in_order_without_errors(path):
         assert not [o for o in cell.outputs if o.output_type == "error"], cell.source[:80]
 
 
-def _markers(source: str) -> dict:
-    """The nbval options a cell's comments set, read by nbval's own parser."""
-    return dict(find_comment_markers(source))
-
-
-def _is_ignored(cell) -> bool:
-    return _markers(cell.source).get("check") is False
-
-
-def _asserts(cell) -> bool:
-    """True if the cell checks something: helper.claim / check_versions calls, asserts, check functions."""
-    return bool(re.search(r"\bhelper\.(claim|check_versions)\(|^\s*assert\b|\bcheck\w*\(", cell.source, re.M))
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_nbval_markers_are_what_nbval_reads(path):
     """A comment that mentions NBVAL must be a marker nbval honours, alone on its line."""
@@ -79,22 +65,6 @@ def test_every_ignored_output_says_why_on_the_next_line(path):
             assert reason.startswith("#") and len(words) >= 4, (
                 f"the line after NBVAL_IGNORE_OUTPUT must be a comment that says why: {cell.source[:120]!r}"
             )
-
-
-def output_checks(path) -> tuple[int, int, int]:
-    """(cells with output, compared exactly, ignored but backed by an assertion in it or the next cell)."""
-    cells = _code_cells(path)
-    with_output = exact = backed = 0
-    for i, cell in enumerate(cells):
-        if not cell.outputs:
-            continue
-        with_output += 1
-        following = cells[i + 1] if i + 1 < len(cells) else None
-        if not _is_ignored(cell):
-            exact += 1
-        elif _asserts(cell) or (following is not None and _asserts(following)):
-            backed += 1
-    return with_output, exact, backed
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

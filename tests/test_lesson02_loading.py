@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import helper
+from quantcourse.core import generation
 
 DUMMY_INPUT = torch.LongTensor([[1, 0], [0, 1]])
 
@@ -194,7 +195,7 @@ def test_get_generation_captions_with_a_tiny_blip(tiny_blip, monkeypatch, dtype)
 def test_only_floating_inputs_are_cast(tiny_blip):
     _, processor = tiny_blip
     image = helper.load_image(helper.asset_path("coffee.jpg"))
-    batch = helper._cast_floating(processor(images=image, text="a picture of", return_tensors="pt"), torch.bfloat16)
+    batch = generation._cast_floating(processor(images=image, text="a picture of", return_tensors="pt"), torch.bfloat16)
     assert batch["pixel_values"].dtype == torch.bfloat16
     assert batch["input_ids"].dtype == torch.int64
     assert batch["attention_mask"].dtype == torch.int64

@@ -55,13 +55,7 @@ def test_read_benchmark_reads_the_committed_table_and_refuses_others(tmp_path):
 
 
 def _compare_methods():
-    import importlib.util
-
-    path = helper.REPO_DIR / "benchmarks" / "compare_methods.py"
-    spec = importlib.util.spec_from_file_location("compare_methods", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helper.load_script("benchmarks/compare_methods.py")
 
 
 @pytest.mark.parametrize(

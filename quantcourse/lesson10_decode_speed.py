@@ -1,16 +1,12 @@
-"""Lesson 10: why quantized decoding is (or is not) fast on a CPU (notebooks/10_decode_speed.ipynb).
-
-Part of the course's shared code: `helper.py` re-exports every public name here, so lessons and
-tests write `helper.FastDecoder`. It lives in its own file because helper.py reached the size at
-which CONTRIBUTING.md says a lesson's section moves beside it.
+"""Lesson 10 — why quantized decoding is (or is not) fast on a CPU (notebooks/10_decode_speed.ipynb).
 
 Contents, in the order of the lesson
-  1  The roofline: cpu_instruction_sets, memory_bandwidth_gbs, roofline_tokens_per_s,
+  1  The roofline: memory_bandwidth_gbs (the CPU's flags: core/machine.py), roofline_tokens_per_s,
      bytes_per_token
   2  One linear layer on each CPU kernel: quantize_int8_per_channel, quantize_int4_groups,
      pack_scales_and_zeros, PackedLinear, reference_weight, kernel_error, time_kernels,
      matmul_seconds
-  3  Everything else a token costs: with_generation_config (transformers' static cache),
+  3  Everything else a token costs: with_generation_config (core/generation.py: transformers' static cache),
      rms_norm, apply_rope, FastDecoder (a lean Llama decoder with a static KV cache that
      helper.token_nll and helper.decode_timings accept like a transformers model),
      FastDecoder.compile_layers (torch.compile)
@@ -21,10 +17,8 @@ tokens fed at once (the prompt at prefill, 1 at every decode step).
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,56 +26,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-aten = torch.ops.aten
+from quantcourse.core.timing import time_variants
 
-__all__ = [  # what helper.py re-exports
-    "INSTRUCTION_SETS",
-    "INT4_GROUP_SIZES",
-    "LINEAR_KINDS",
-    "FastDecoder",
-    "PackedLinear",
-    "apply_rope",
-    "bytes_per_token",
-    "cpu_instruction_sets",
-    "kernel_error",
-    "matmul_seconds",
+__all__ = [
     "memory_bandwidth_gbs",
-    "pack_scales_and_zeros",
-    "quantize_int4_groups",
-    "quantize_int8_per_channel",
-    "reference_weight",
-    "rms_norm",
     "roofline_tokens_per_s",
+    "bytes_per_token",
+    "quantize_int8_per_channel",
+    "quantize_int4_groups",
+    "pack_scales_and_zeros",
+    "LINEAR_KINDS",
+    "INT4_GROUP_SIZES",
+    "PackedLinear",
+    "reference_weight",
+    "kernel_error",
     "time_kernels",
-    "with_generation_config",
+    "matmul_seconds",
+    "rms_norm",
+    "apply_rope",
+    "FastDecoder",
+    "attention_in",
+    "mlp_out",
 ]
 
-# ---------------------------------------------------------------------------
-# 1. The roofline: how fast could decode be if it only had to read the weights once per token?
-# ---------------------------------------------------------------------------
 
-INSTRUCTION_SETS = {
-    "avx2": "AVX2",
-    "avx512f": "AVX-512",
-    "avx512_vnni": "AVX-512 VNNI (int8 dot products)",
-    "avx512_bf16": "AVX-512 BF16 (bf16 dot products)",
-    "amx_tile": "AMX (matrix tiles)",
-}
-"""CPU flags (as /proc/cpuinfo names them) that decide which kernels are fast, and what they mean."""
-
-
-def cpu_instruction_sets(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, bool]:
-    """Which of INSTRUCTION_SETS this CPU has (read from /proc/cpuinfo; all False where it cannot be read).
-
-    torch may use fewer than the CPU has: `helper.cpu_capability()` says which kernels it
-    dispatches to (ATEN_CPU_CAPABILITY=avx2 forces AVX2 on an AVX-512 CPU).
-    """
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        text = ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return {flag: flag in flags for flag in INSTRUCTION_SETS}
+aten = torch.ops.aten
 
 
 def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5, rounds: int = 5) -> float:
@@ -124,11 +93,6 @@ def bytes_per_token(decoder: FastDecoder, position: int = 0) -> dict[str, int]:
         "kv cache": kv,
         "embedding row": decoder.embedding_row_bytes(),
     }
-
-
-# ---------------------------------------------------------------------------
-# 2. One linear layer stored for each CPU kernel
-# ---------------------------------------------------------------------------
 
 
 def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +147,7 @@ def pack_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tens
 
 LINEAR_KINDS = ("float", "int8-dequant", "int8-scale-after", "int8pack", "int4-dequant", "int4pack")
 """How PackedLinear stores a weight and which kernel multiplies by it (see PackedLinear)."""
+
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 """Group sizes torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) accepts."""
@@ -313,7 +278,6 @@ def kernel_error(linear: PackedLinear, x: torch.Tensor, reference: torch.Tensor)
 def time_kernels(calls: dict[str, Any], inner: int = 50, repeats: int = 5) -> dict[str, list[float]]:
     """Seconds per call of each zero-argument callable, per round, by the course's timing protocol
     (helper.time_variants: interleaved rounds), each round running the callable `inner` times."""
-    from helper import time_variants  # helper.py re-exports this module: import it when called
 
     if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1:
         raise ValueError(f"inner must be a positive int, got {inner!r}")
@@ -330,25 +294,6 @@ def matmul_seconds(linears: list[PackedLinear], repeats: int = 5) -> float:
     inputs = [torch.randn(1, lin.in_features).to(lin.dtype) for lin in linears]
     one_pass = lambda: [lin(x) for lin, x in zip(linears, inputs)]
     return statistics.median(time_kernels({"pass": one_pass}, inner=1, repeats=repeats)["pass"])
-
-
-# ---------------------------------------------------------------------------
-# 3. Everything else a token costs: the cache, Python, small ops; a lean decoder
-# ---------------------------------------------------------------------------
-
-
-def with_generation_config(model: nn.Module, **settings: Any) -> nn.Module:
-    """A second handle on a transformers `model`, sharing its modules and weights (no copy), whose
-    generate() uses other settings, e.g. cache_implementation="static"."""
-    if not hasattr(model, "generation_config"):
-        raise TypeError(f"{type(model).__name__} has no generation_config: expected a transformers model")
-    other = copy.copy(model)  # shallow: parameters, buffers and submodules are shared
-    other.generation_config = copy.deepcopy(model.generation_config)
-    for key, value in settings.items():
-        if not hasattr(other.generation_config, key):
-            raise ValueError(f"transformers' GenerationConfig has no setting {key!r}")
-        setattr(other.generation_config, key, value)
-    return other
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""Evaluation text and perplexity: the fixed evaluation text, per-token losses, standard errors, paired
+differences, and the calibration text (disjoint from the evaluation text).
+
+`perplexity` is taught in Lesson 2; the per-token losses and paired differences in Lesson 4;
+the calibration text in Lesson 8.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from quantcourse.core.config import ASSETS_DIR
+
+__all__ = [
+    "eval_text",
+    "perplexity",
+    "calibration_text",
+    "calibration_ids",
+    "token_nll",
+    "perplexity_with_error",
+    "paired_nll_difference",
+]
+
+
+def eval_text() -> str:
+    """A fixed real English text (an excerpt of the Python docs) used for every perplexity."""
+    return (ASSETS_DIR / "eval_text.txt").read_text()
+
+
+def perplexity(model, tokenizer, text: str | None = None, max_tokens: int = 512) -> float:
+    """Perplexity of a causal LM on the first `max_tokens` tokens of `text` (default eval_text)."""
+    ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[:, :max_tokens]
+    if ids.shape[1] < 2:
+        raise ValueError("perplexity needs a text of at least two tokens")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()  # (1, tokens, vocab)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return math.exp(loss.item())
+
+
+def calibration_text() -> str:
+    """Text for calibration, disjoint from eval_text: the Python 3.11 docs' "Compound statements".
+
+    Shipped in assets/ (like eval_text, so every Python version reads the same characters).
+    Every calibrated method (SmoothQuant, GPTQ, AWQ) computes its statistics on it, never on the
+    text its perplexity is measured on.
+    """
+    return (ASSETS_DIR / "calibration_text.txt").read_text()
+
+
+def calibration_ids(tokenizer, n_tokens: int = 2048, seq_len: int = 512) -> torch.Tensor:
+    """(n_tokens // seq_len, seq_len) token ids: consecutive windows of calibration_text()."""
+    if seq_len < 1 or n_tokens < seq_len or n_tokens % seq_len:
+        raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of seq_len ({seq_len})")
+    ids = tokenizer(calibration_text(), return_tensors="pt").input_ids[0]
+    if ids.numel() < n_tokens:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens; {n_tokens} were asked for")
+    return ids[:n_tokens].reshape(-1, seq_len)
+
+
+def token_nll(model, tokenizer, n_tokens: int = 4096, window: int = 512, text: str | None = None) -> torch.Tensor:
+    """Negative log-likelihood of each of `n_tokens` tokens of `text`, predicted in windows of `window`.
+
+    Window i feeds tokens [i*window, (i+1)*window] and scores the `window` tokens after its first,
+    so the windows do not overlap and every token is predicted with at most `window` tokens of
+    context. Taught in Lesson 11 (the capstone benchmark's perplexity and its standard error).
+    """
+    if n_tokens < window or n_tokens % window:
+        raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of window ({window})")
+    ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[0]
+    if ids.numel() < n_tokens + 1:
+        raise ValueError(f"the text has {ids.numel()} tokens; {n_tokens + 1} are needed")
+    losses = []
+    with torch.no_grad():
+        for start in range(0, n_tokens, window):
+            chunk = ids[start : start + window + 1].unsqueeze(0)  # (1, window + 1)
+            logits = model(input_ids=chunk[:, :-1]).logits.float()[0]  # (window, vocab)
+            losses.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none"))
+    return torch.cat(losses)  # (n_tokens,)
+
+
+def perplexity_with_error(nll: torch.Tensor) -> tuple[float, float]:
+    """(perplexity, its standard error) from per-token NLLs: exp(mean), exp(mean) * std / sqrt(n)."""
+    if not torch.is_tensor(nll) or nll.dim() != 1 or nll.numel() < 2:
+        raise ValueError("perplexity_with_error needs a 1-D tensor of at least two per-token NLLs")
+    mean = nll.double().mean().item()
+    se = nll.double().std().item() / math.sqrt(nll.numel())
+    return math.exp(mean), math.exp(mean) * se  # delta method: d exp(m) = exp(m) dm
+
+
+def paired_nll_difference(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[float, float]:
+    """(mean of nll_a - nll_b, its standard error) over the same tokens: > 0 means b predicts better.
+
+    Both models are scored on the same tokens, so the per-token differences cancel what makes
+    some tokens hard for every model; their standard error is far smaller than either
+    perplexity's. Two methods are ranked only when the difference exceeds two standard errors.
+    """
+    if (
+        not torch.is_tensor(nll_a)
+        or not torch.is_tensor(nll_b)
+        or nll_a.shape != nll_b.shape
+        or nll_a.dim() != 1
+        or nll_a.numel() < 2
+    ):
+        raise ValueError("paired_nll_difference needs two 1-D tensors of NLLs of the same (at least two) tokens")
+    diff = nll_a.double() - nll_b.double()
+    return diff.mean().item(), diff.std().item() / math.sqrt(diff.numel())
