@@ -144,3 +144,13 @@ def test_where_names_the_file_of_a_lesson_function():
         assert getattr(helper, name) is getattr(__import__(helper.HOME[name], fromlist=[name]), name)
     with pytest.raises(KeyError, match="no 'nonexistent'"):
         helper.where("nonexistent")
+
+
+@pytest.mark.parametrize("path", helper.NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_lesson_names_the_module_that_holds_its_code(path):
+    import nbformat
+
+    intro = nbformat.read(path, as_version=4).cells[0].source
+    module = f"quantcourse/lesson{path.stem}.py"
+    assert f"[`{module}`](../{module})" in intro, f"{path.name}'s introduction must link {module}"
+    assert (REPO / module).is_file()
