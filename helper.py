@@ -12,7 +12,7 @@ Contents (lesson -> module -> what it holds)
   3  notebooks/03_linear_quantization_from_scratch quantcourse/lesson03_linear_quantization_from_scratch.py
        linear_quantize, quantize_per_channel/_per_group, W8A16Linear, pack_weights
   4  notebooks/04_gguf                             quantcourse/lesson04_gguf.py
-       gguf_quantize/gguf_dequantize (Q8_0, Q4_0, Q4_1, Q4_K), gguf_tensor_infos, GGUFLinear
+       gguf_quantize/gguf_dequantize (Q8_0, Q4_0, Q4_1, Q4_K), absmax_level_codes, gguf_tensor_infos, GGUFLinear
   5  notebooks/05_quantization_with_quanto         quantcourse/lesson05_quantization_with_quanto.py
        quanto_size_breakdown
   6  notebooks/06_dynamic_quantization             quantcourse/lesson06_dynamic_quantization.py
@@ -29,12 +29,12 @@ Contents (lesson -> module -> what it holds)
        pareto_front, paired_verdict
 
 Shared (quantcourse/core/, each module importing only those above it)
-  machine     cpu_capability, cpu_flags, cpu_instruction_sets, claim
+  machine     cpu_capability, cpu_flags (CPU_FLAGS, KERNEL_FLAGS), cpu_model_name, cpu_instruction_sets, claim
   config      REPO_DIR, cache_dir, use_hub (HUB_SWITCH), setup_notebook, versions, check_versions
   memory      rss_mb, peak_rss_mb, fresh_process_peak(s)_mb, malloc_trim
   models      load_smollm2 (the verified cache), load_minilm, load_efficientnet_lite0, load_hub_model
   images      load_image, asset_path
-  llama_cpp   load_llama_cpp, llama_cpp_generate, llama_cpp_token_nll
+  llama_cpp   load_llama_cpp, llama_cpp_generate, llama_cpp_token_nll, window_nll (the scoring both runtimes share)
   generation  get_generation, chat, with_generation_config
   sizes       tensor_parts, tensor_nbytes, model_size, compute_module_sizes, format_bytes
   timing      time_variants, speed_verdict, decode_timings, one_thread

@@ -412,25 +412,17 @@ def build_tiny_model(target: Path) -> Path:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The CPU's model name from /proc/cpuinfo (helper.cpu_model_name; platform.processor() elsewhere)."""
+    name = helper.cpu_model_name()
+    return name if name is not None else platform.processor() or "unknown CPU"
 
 
 def simd_flags() -> str:
-    """The CPU's vector extensions that matter for int8/bf16 kernels, from /proc/cpuinfo."""
-    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    """The CPU's vector extensions that matter for int8/bf16 kernels (helper.KERNEL_FLAGS), from /proc/cpuinfo."""
+    flags = helper.cpu_flags(wanted=helper.KERNEL_FLAGS)
+    if flags is None:
         return "flags unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    found = [f for f in wanted if f in flags]
+    found = [flag for flag, has in flags.items() if has]
     return "+".join(found) if found else "no AVX2/AVX-512/AMX"
 
 

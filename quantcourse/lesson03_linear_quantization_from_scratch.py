@@ -6,12 +6,11 @@ Scale and zero point, symmetric and asymmetric, per tensor / channel / group, W8
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 from torch import nn
 
-from quantcourse.core.surgery import _is_excluded
+from quantcourse.core.surgery import replace_linears
 
 __all__ = [
     "PACK_BITS",
@@ -86,15 +85,24 @@ def linear_quantize(
 ) -> torch.Tensor:
     """q = clamp(round(x / scale + zero_point), qmin, qmax) as int8; scale/zero_point broadcast."""
     _check_float(tensor, "linear_quantize")
+    return _linear_quantize(tensor, scale, zero_point, bits)
+
+
+def _linear_quantize(
+    tensor: torch.Tensor, scale: float | torch.Tensor, zero_point: int | torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """`linear_quantize` for a tensor its caller has checked; zero_point None: symmetric (adding 0 changes no code)."""
     qmin, qmax = int_range(bits)
     scale_t = torch.as_tensor(scale, dtype=torch.float32)
     if not (torch.isfinite(scale_t).all() and (scale_t > 0).all()):
         raise ValueError("linear_quantize needs finite, positive scale(s)")
-    zero_t = torch.as_tensor(zero_point)
-    if zero_t.is_floating_point() or zero_t.dtype == torch.bool:
-        raise TypeError(f"zero_point must be an integer, got {zero_t.dtype}")
-    q = torch.round(tensor.float() / scale_t + zero_t)
-    return q.clamp(qmin, qmax).to(torch.int8)
+    q = tensor.float() / scale_t
+    if zero_point is not None:
+        zero_t = torch.as_tensor(zero_point)
+        if zero_t.is_floating_point() or zero_t.dtype == torch.bool:
+            raise TypeError(f"zero_point must be an integer, got {zero_t.dtype}")
+        q = q + zero_t
+    return q.round_().clamp_(qmin, qmax).to(torch.int8)
 
 
 def linear_dequantize(q: torch.Tensor, scale: float | torch.Tensor, zero_point: int | torch.Tensor) -> torch.Tensor:
@@ -111,27 +119,54 @@ def linear_dequantize(q: torch.Tensor, scale: float | torch.Tensor, zero_point: 
     return (scale_t.float() * (q.float() - zero_t)).to(dtype)
 
 
-def _channel_min_max(w: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max over every dim except `axis`, shaped to broadcast against `w` (keepdim)."""
+def _channel_rows(w: torch.Tensor, axis: int) -> tuple[torch.Tensor, list[int]]:
+    """(w as (slices along `axis`, everything else), the keepdim shape of one value per slice)."""
     if not -w.dim() <= axis < w.dim():
         raise ValueError(f"axis {axis} is out of range for a tensor with {w.dim()} dims")
     axis = axis % w.dim()
-    rows = w.movedim(axis, 0).reshape(w.shape[axis], -1)
+    rows = w.movedim(axis, 0)
+    if rows.dim() != 2:
+        rows = rows.reshape(w.shape[axis], -1)
     shape = [1] * w.dim()
     shape[axis] = w.shape[axis]
+    return rows, shape
+
+
+def _channel_min_max(w: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over every dim except `axis`, shaped to broadcast against `w` (keepdim)."""
+    rows, shape = _channel_rows(w, axis)
     return rows.min(dim=1).values.reshape(shape), rows.max(dim=1).values.reshape(shape)
 
 
 def quantize_per_channel(
     w: torch.Tensor, bits: int = 8, axis: int = 0, symmetric: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q int8, scale float32, zero_point int32): one scale per slice along `axis` (keepdim shapes)."""
+    """(q int8, scale float32, zero_point int32): one scale per slice along `axis` (keepdim shapes).
+
+    The course's one per-row absmax quantizer (symmetric=True): Lesson 8's quantize_rows_absmax
+    (a row per token or per output channel) and Lesson 10's quantize_int8_per_channel (the int8
+    kernels' weights) call it. Asymmetric, it is the integer-zero-point min-max grid (the range
+    widened to contain 0) that Lesson 9's rtn_quantize uses with fp16 scales
+    (tests/test_course_one_implementation.py shows where the two differ).
+    """
     _check_float(w, "quantize_per_channel")
     if w.dim() < 1:
         raise ValueError("quantize_per_channel needs a tensor with at least one dimension")
+    return _quantize_per_channel(w, bits, axis, symmetric)
+
+
+def _quantize_per_channel(
+    w: torch.Tensor, bits: int, axis: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_per_channel` for a tensor its caller has checked (Lessons 8 and 10 check their own)."""
+    if symmetric:  # max(|min|, |max|) is max |x|: one reduction instead of two
+        rows, shape = _channel_rows(w, axis)
+        absmax = rows.abs().amax(dim=1).reshape(shape)
+        scale, zero_point = _scale_zero_point(absmax, absmax, bits, symmetric)
+        return _linear_quantize(w, scale, None, bits), scale, zero_point
     lo, hi = _channel_min_max(w, axis)
     scale, zero_point = _scale_zero_point(lo, hi, bits, symmetric)
-    return linear_quantize(w, scale, zero_point, bits), scale, zero_point
+    return _linear_quantize(w, scale, zero_point, bits), scale, zero_point
 
 
 def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
@@ -145,7 +180,13 @@ def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, zero_point: tor
 def quantize_per_group(
     w: torch.Tensor, group_size: int, bits: int = 8, symmetric: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8, scale float32 of shape (rows, cols // group_size)): symmetric, groups along the last dim."""
+    """(q int8, scale float32 of shape (rows, cols // group_size)): symmetric, groups along the last dim.
+
+    Symmetric (absmax) per group: quantize_per_channel on rows of `group_size` weights. The min-max
+    group quantizers of the later lessons (Lesson 4's blockwise_minmax_rtn, Lesson 9's rtn_quantize,
+    Lesson 10's quantize_int4_groups) each use another grid; tests/test_course_one_implementation.py
+    ties them to one another.
+    """
     _check_float(w, "quantize_per_group")
     if w.dim() != 2:
         raise ValueError(f"quantize_per_group expects a 2-D weight (out, in), got shape {tuple(w.shape)}")
@@ -218,31 +259,12 @@ class W8A16Linear(nn.Module):
 
 
 def replace_linear_with_w8a16(model: nn.Module, exclude: tuple[str, ...] | str = ("lm_head",)) -> nn.Module:
-    """Swap every nn.Linear whose qualified name is not excluded for a W8A16Linear, in place."""
-    import warnings
+    """Swap every nn.Linear whose qualified name is not excluded for a W8A16Linear, in place.
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"replace_linear_with_w8a16 expects an nn.Module, got {type(model).__name__}")
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    if not all(isinstance(e, str) for e in exclude):
-        raise TypeError("exclude must be a string or a sequence of module names (strings)")
-    owners: dict[int, list[str]] = defaultdict(list)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners[id(param)].append(name)
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_excluded(n, exclude)]
-    for name, linear in targets:
-        if not name:
-            raise ValueError("model is itself an nn.Linear: use W8A16Linear.from_linear(model)")
-        tied = [o for o in owners[id(linear.weight)] if not o.startswith(f"{name}.")]
-        if tied:
-            warnings.warn(
-                f"{name}.weight is tied to {tied[0]}: the int8 copy does not replace the float "
-                "tensor, which stays for the other user (exclude it to keep the tie)",
-                stacklevel=2,
-            )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, W8A16Linear.from_linear(linear))
-    return model
+    The loop is core.surgery's replace_linears (every lesson's swap, Lessons 3 to 9): it warns when
+    a swapped weight is tied to another module's, as SmolLM2's lm_head is to the embedding.
+    """
+    return replace_linears(model, W8A16Linear.from_linear, exclude, replacement="the int8 copy")
 
 
 def _check_pack_bits(bits: int) -> int:

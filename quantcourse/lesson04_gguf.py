@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantcourse.core.models import smollm2_gguf_path
-from quantcourse.core.surgery import _is_excluded
+from quantcourse.core.surgery import replace_linears
 from quantcourse.lesson03_linear_quantization_from_scratch import _check_float
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "gguf_dequantize",
     "blockwise_minmax_rtn",
     "blockwise_nf4_rtn",
+    "absmax_level_codes",
     "nearest_level_codes",
     "distinct_values_per_block",
     "gguf_name_to_hf",
@@ -180,6 +181,10 @@ def blockwise_minmax_rtn(
     Groups are runs of `group_size` consecutive weights in row-major order, as bitsandbytes' blocks
     are: a group may span two rows when the row length is not a multiple of it (576 and 128 here).
     At group_size=32, bits=4 and fp16 parameters it equals gguf_dequantize(gguf_quantize(w, "Q4_1")).
+    Lesson 10's quantize_int4_groups keeps a float minimum too, but rounds its step and zero to the
+    parameter dtype before it chooses the codes (here the codes are chosen with the exact step, as
+    Q4_1 does) and rounds a weight half-way between two levels to even (here: up). Lesson 9's
+    rtn_quantize widens the range to contain 0 instead (tests/test_course_one_implementation.py).
     """
     _check_float(w, "blockwise_minmax_rtn")
     if w.dim() != 2:
@@ -203,6 +208,9 @@ def blockwise_nf4_rtn(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
 
     Equal to bitsandbytes' quantize_4bit + dequantize_4bit where those are right (blocks of 32 and
     64; Lesson 4 shows that bitsandbytes 0.50.2's CPU dequantize_4bit is wrong at blocks of 128).
+    The rounding is `absmax_level_codes`, which Lesson 9's nf4_quantize shares; the two differ in
+    their groups only: runs of the flattened weight here (a run may span two rows), runs of
+    a row there (the last one shorter), so they agree where group_size divides the row.
     """
     import bitsandbytes.functional as bnbf
 
@@ -210,11 +218,20 @@ def blockwise_nf4_rtn(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or w.numel() % group_size:
         raise ValueError(f"group_size must be a positive int dividing the {w.numel()} weights, got {group_size!r}")
     levels = bnbf.get_4bit_type("nf4", device="cpu").float()  # (16,) from -1 to 1
-    x = w.detach().float().reshape(-1, group_size)
-    absmax = x.abs().amax(1, keepdim=True)
-    scaled = x / torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-    codes = nearest_level_codes(scaled, (levels[1:] + levels[:-1]) / 2)
+    codes, absmax = absmax_level_codes(w.detach().float().reshape(-1, group_size), levels)
     return (levels.take(codes.long()) * absmax).reshape(w.shape)
+
+
+def absmax_level_codes(x: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes, absmax (..., 1)) of each run along x's last dim: x / absmax rounded to the
+    nearest of the sorted `levels` (an all-zero run divides by 1).
+
+    The course's one codebook rounding (NF4): Lesson 4's blockwise_nf4_rtn with bitsandbytes'
+    table, Lesson 9's nf4_quantize with the table it rebuilds (nf4_levels, the same bits).
+    """
+    absmax = x.abs().amax(-1, keepdim=True)
+    scaled = x / torch.where(absmax == 0, torch.ones_like(absmax), absmax)
+    return nearest_level_codes(scaled, (levels[1:] + levels[:-1]) / 2), absmax
 
 
 def nearest_level_codes(x: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
@@ -417,26 +434,22 @@ def replace_linear_with_gguf(
     exclude: tuple[str, ...] | str = ("lm_head",),
     tensors: dict[str, tuple[str, torch.Tensor]] | None = None,
 ) -> nn.Module:
-    """Swap every nn.Linear (except `exclude`) for a GGUFLinear, in place.
+    """Swap every nn.Linear (except `exclude`) for a GGUFLinear, in place (core.surgery's replace_linears).
 
     fmt: quantize the layer's own weight with gguf_quantize. tensors (from read_gguf_tensors): take
     the file's blocks as they are ("as shipped"); layers the file keeps in F32 stay nn.Linear.
     """
     if (fmt is None) == (tensors is None):
         raise ValueError("give exactly one of fmt (re-quantize) or tensors (the file's own blocks)")
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or _is_excluded(name, exclude):
-            continue
-        if tensors is None:
-            new = GGUFLinear.from_linear(module, fmt)
-        else:
-            if f"{name}.weight" not in tensors:
-                raise ValueError(f"the GGUF file has no tensor for layer {name!r}")
-            kind, data = tensors[f"{name}.weight"]
-            if kind not in GGUF_FORMATS:
-                continue
-            new = GGUFLinear(data, kind, module.in_features, module.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    return model
+    if tensors is None:
+        return replace_linears(model, lambda linear: GGUFLinear.from_linear(linear, fmt), exclude, "the GGUF copy")
+    names = {module: name for name, module in model.named_modules()}
+
+    def from_file(linear: nn.Linear) -> GGUFLinear | None:
+        name = names[linear]
+        if f"{name}.weight" not in tensors:
+            raise ValueError(f"the GGUF file has no tensor for layer {name!r}")
+        kind, data = tensors[f"{name}.weight"]
+        return GGUFLinear(data, kind, linear.in_features, linear.bias) if kind in GGUF_FORMATS else None
+
+    return replace_linears(model, from_file, exclude, "the GGUF copy")

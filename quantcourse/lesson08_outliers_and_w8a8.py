@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from quantcourse.core.surgery import run_with_input_hooks
-from quantcourse.lesson03_linear_quantization_from_scratch import _check_float, int_range
+from quantcourse.lesson03_linear_quantization_from_scratch import _check_float, _quantize_per_channel
 
 __all__ = [
     "linear_inputs",
@@ -58,15 +58,14 @@ def quantize_rows_absmax(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
     """Symmetric per-row int quantization: (q int8 (rows, cols), scale (rows, 1)); x ~ q * scale.
 
     For activations a row is a token ("per token"); for a weight (out, in) a row is an output
-    channel ("per channel"). An all-zero row gets scale 1 (q = 0).
+    channel ("per channel"). An all-zero row gets scale 1 (q = 0). Lesson 3's
+    quantize_per_channel(x, bits, axis=0, symmetric=True), named for what Lesson 8 applies it to:
+    scale = max |row| / qmax, q = round(x / scale) in [-qmax, qmax].
     """
     _check_float(x, "quantize_rows_absmax")
     if x.dim() != 2:
         raise ValueError(f"quantize_rows_absmax expects a 2-D tensor, got shape {tuple(x.shape)}")
-    qmax = int_range(bits)[1]
-    absmax = x.abs().amax(dim=1, keepdim=True).float()
-    scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
-    q = torch.clamp(torch.round(x.float() / scale), -qmax, qmax).to(torch.int8)
+    q, scale, _ = _quantize_per_channel(x, bits, 0, True)
     return q, scale
 
 

@@ -8,10 +8,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from quantcourse.core.surgery import run_with_input_hooks
+from quantcourse.core.surgery import replace_linears, run_with_input_hooks
 from quantcourse.core.timing import one_thread
 from quantcourse.lesson03_linear_quantization_from_scratch import _check_float, pack_weights, unpack_weights
-from quantcourse.lesson04_gguf import nearest_level_codes
+from quantcourse.lesson04_gguf import absmax_level_codes
 from quantcourse.lesson08_outliers_and_w8a8 import fold_input_scale, linear_inputs, llama_input_groups
 
 __all__ = [
@@ -78,6 +78,9 @@ def minmax_params(w: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.T
     The row's range, widened to contain 0, is split into 2**bits - 1 steps (the scale, rounded to
     fp16 as it will be stored); zero is the integer code of 0.0. GPTQ's reference quantizer, shared
     here by RTN, GPTQ and AWQ so that only how the codes are chosen differs between them.
+    Lesson 3's asymmetric grid (quantize_per_channel(..., symmetric=False)) with two differences:
+    the scale rounded to fp16, and unsigned codes (0..15, not -8..7); on the same scale both round
+    to the same codes (tests/test_course_one_implementation.py).
     """
     qmax = 2**bits - 1
     low = w.amin(dim=1, keepdim=True).clamp(max=0)
@@ -255,22 +258,22 @@ def nf4_levels() -> torch.Tensor:
 def nf4_quantize(w: torch.Tensor, group_size: int | None = 128) -> GroupQuant:
     """NF4 with absmax per group of `group_size` columns: each w / absmax goes to the nearest NF4 level.
 
-    Groups run along a row (as in rtn_quantize), so any group size that divides in_features works.
-    For group sizes that divide the row it equals blockwise_nf4_rtn (bitsandbytes' arithmetic).
+    Groups run along a row (as in rtn_quantize), the last one shorter where group_size does not
+    divide in_features. The rounding is Lesson 4's absmax_level_codes, with the levels rebuilt
+    here (nf4_levels): for group sizes that divide the row it equals blockwise_nf4_rtn
+    (bitsandbytes' arithmetic), whose groups run through the flattened weight instead.
     """
     _check_float(w, "nf4_quantize")
     g = _group_size(w, group_size)
     levels = nf4_levels()
-    midpoints = (levels[1:] + levels[:-1]) / 2
     w = w.detach().float()
     out, cols = w.shape
     whole = cols - cols % g  # the columns in whole groups, done at once; a shorter last group after them
     blocks = [w[:, :whole].reshape(out, -1, g)] + ([w[:, whole:].reshape(out, 1, -1)] if whole < cols else [])
     codes, scales = [], []
     for block in blocks:  # (out, groups, group size)
-        absmax = block.abs().amax(2, keepdim=True)  # (out, groups, 1)
-        scaled = block / torch.where(absmax == 0, 1.0, absmax)
-        codes.append(nearest_level_codes(scaled, midpoints).reshape(out, -1))
+        block_codes, absmax = absmax_level_codes(block, levels)  # absmax: (out, groups, 1)
+        codes.append(block_codes.reshape(out, -1))
         scales.append(absmax.reshape(out, -1))
     return GroupQuant(torch.cat(codes, 1), torch.cat(scales, 1), None, g, levels)
 
@@ -366,7 +369,10 @@ def quantize_llama_4bit(
         for names, _, _ in groups:
             for name in names:
                 results[name] = quantize(modules[name].weight, 4, group_size)
-    for name, gq in results.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, GroupQuantLinear(gq, modules[name].bias))
-    return model
+    names = {module: name for name, module in modules.items()}
+    return replace_linears(
+        model,
+        lambda linear: GroupQuantLinear(results[names[linear]], linear.bias) if names[linear] in results else None,
+        exclude=(),
+        replacement="the 4-bit copy",
+    )

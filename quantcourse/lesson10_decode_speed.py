@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantcourse.core.timing import time_variants
+from quantcourse.lesson03_linear_quantization_from_scratch import _quantize_per_channel
 
 __all__ = [
     "memory_bandwidth_gbs",
@@ -98,14 +99,13 @@ def bytes_per_token(decoder: FastDecoder, position: int = 0) -> dict[str, int]:
 def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 (out, in), scale fp32 (out,)): symmetric, one scale per output row, q in -127..127.
 
-    The numbers of Lesson 3's helper.quantize_per_channel(w, bits=8, axis=0, symmetric=True).
+    Lesson 3's helper.quantize_per_channel(w, bits=8, axis=0, symmetric=True), with the scales
+    flattened to the (out,) vector the int8 kernels take.
     """
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"expected a 2-D float weight (out, in), got {tuple(w.shape)} {w.dtype}")
-    scale = w.float().abs().amax(dim=1) / 127  # (out,)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    q, scale, _ = _quantize_per_channel(w, 8, 0, True)
+    return q, scale.flatten()
 
 
 def quantize_int4_groups(
@@ -121,6 +121,9 @@ def quantize_int4_groups(
 
     The course's SmolLM2 weights come from a Q4_1 GGUF file (min-max 4-bit blocks of 32): with
     group_size=32 this finds the file's own grid again, nearly losslessly (Lesson 10 measures it).
+    Lesson 4's blockwise_minmax_rtn (Q4_1's arithmetic) keeps the same float minimum but chooses
+    its codes before rounding its parameters, and rounds half-way weights up: with fp32 parameters
+    the two agree to float rounding (tests/test_course_one_implementation.py).
     """
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"expected a 2-D float weight (out, in), got {tuple(w.shape)} {w.dtype}")

@@ -16,7 +16,7 @@ While a lesson runs, a progress bar (tqdm) shows the lesson, the numbered sectio
 the code cells left; when it ends, one line gives its run time and its kernel's peak memory
 against the lesson's budget. Budgets live in each notebook's metadata (`course.budget_s`,
 `course.budget_mb`); --in-place also stores the run's own numbers there (`course.last_run`), which
-tests/test_helper_course_budgets.py holds against the budgets.
+tests/test_course_budgets.py holds against the budgets.
 """
 
 from __future__ import annotations
@@ -123,14 +123,12 @@ def budget_of(notebook: nbformat.NotebookNode) -> tuple[float, float]:
 
 def machine() -> str:
     """A short description of this machine: CPU model, cores, torch's kernel level."""
-    import torch
+    from quantcourse.core.machine import cpu_capability, cpu_model_name  # imports torch: here, not at the top
 
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+    name = cpu_model_name()
+    if name is None:
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores, torch kernels {cpu_capability()}"
 
 
 def over_flag(value: float, limit: float) -> str:

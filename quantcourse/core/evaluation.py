@@ -12,6 +12,7 @@ import math
 import torch
 
 from quantcourse.core.config import ASSETS_DIR
+from quantcourse.core.llama_cpp import check_windows, window_nll
 
 __all__ = [
     "eval_text",
@@ -30,7 +31,12 @@ def eval_text() -> str:
 
 
 def perplexity(model, tokenizer, text: str | None = None, max_tokens: int = 512) -> float:
-    """Perplexity of a causal LM on the first `max_tokens` tokens of `text` (default eval_text)."""
+    """Perplexity of a causal LM on the first `max_tokens` tokens of `text` (default eval_text).
+
+    One pass over the max_tokens tokens, exp of the mean NLL of the max_tokens - 1 predictions
+    (Lesson 2). Its per-token NLLs are the first max_tokens - 1 of token_nll(n_tokens=max_tokens,
+    window=max_tokens), the same pass: only the order the mean adds them in may differ.
+    """
     ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[:, :max_tokens]
     if ids.shape[1] < 2:
         raise ValueError("perplexity needs a text of at least two tokens")
@@ -65,20 +71,13 @@ def token_nll(model, tokenizer, n_tokens: int = 4096, window: int = 512, text: s
 
     Window i feeds tokens [i*window, (i+1)*window] and scores the `window` tokens after its first,
     so the windows do not overlap and every token is predicted with at most `window` tokens of
-    context. Taught in Lesson 11 (the capstone benchmark's perplexity and its standard error).
+    context (core.llama_cpp's window_nll, which llama_cpp_token_nll shares). Taught in Lesson 11
+    (the capstone benchmark's perplexity and its standard error).
     """
-    if n_tokens < window or n_tokens % window:
-        raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of window ({window})")
+    check_windows(n_tokens, window)
     ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[0]
-    if ids.numel() < n_tokens + 1:
-        raise ValueError(f"the text has {ids.numel()} tokens; {n_tokens + 1} are needed")
-    losses = []
     with torch.no_grad():
-        for start in range(0, n_tokens, window):
-            chunk = ids[start : start + window + 1].unsqueeze(0)  # (1, window + 1)
-            logits = model(input_ids=chunk[:, :-1]).logits.float()[0]  # (window, vocab)
-            losses.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none"))
-    return torch.cat(losses)  # (n_tokens,)
+        return window_nll(lambda inputs: model(input_ids=inputs[None]).logits.float()[0], ids, n_tokens, window)
 
 
 def perplexity_with_error(nll: torch.Tensor) -> tuple[float, float]:

@@ -1,6 +1,8 @@
 """llama.cpp as an optional runtime (`llama-cpp-python`): loading the GGUF file, generating, scoring.
 
 Taught in Lesson 4; timed in Lesson 10 and the capstone. Every function says so when it is not installed.
+`window_nll`, the windows in which every per-token NLL of the course is scored, is here because this
+is the first core module that scores windows (core.evaluation's token_nll calls it too).
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ import torch
 
 from quantcourse.core.models import smollm2_gguf_path
 
-__all__ = ["llama_cpp_installed", "LLAMA_CPP_MISSING", "load_llama_cpp", "llama_cpp_token_nll", "llama_cpp_generate"]
+__all__ = [
+    "llama_cpp_installed",
+    "LLAMA_CPP_MISSING",
+    "load_llama_cpp",
+    "llama_cpp_token_nll",
+    "llama_cpp_generate",
+    "check_windows",
+    "window_nll",
+]
 
 
 def llama_cpp_installed() -> bool:
@@ -43,18 +53,43 @@ def load_llama_cpp(path: Path | None = None, n_ctx: int = 513, threads: int | No
 
 
 def llama_cpp_token_nll(llm, ids: torch.Tensor | list[int], n_tokens: int = 4096, window: int = 512) -> torch.Tensor:
-    """Per-token NLLs from llama.cpp, on the same token ids and windows as `token_nll` (no overlap)."""
-    ids = torch.as_tensor(ids).flatten().tolist()
-    if n_tokens < window or n_tokens % window or len(ids) < n_tokens + 1:
-        raise ValueError(f"need a positive multiple of {window} tokens and {n_tokens + 1} ids, got {len(ids)}")
+    """Per-token NLLs from llama.cpp, on the same token ids and windows as `token_nll` (no overlap).
+
+    Both are `window_nll`; only where the logits of a window come from differs.
+    """
+
+    def logits_of(inputs: torch.Tensor) -> torch.Tensor:
+        llm.reset()
+        llm.eval(inputs.tolist())
+        return torch.tensor(llm.scores[: inputs.numel()], dtype=torch.float32)  # (window, vocab)
+
+    return window_nll(logits_of, torch.as_tensor(ids).flatten(), n_tokens, window)
+
+
+def check_windows(n_tokens: int, window: int) -> None:
+    """Raise ValueError unless `n_tokens` is a positive multiple of `window`."""
+    if window < 1 or n_tokens < window or n_tokens % window:
+        raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of window ({window})")
+
+
+def window_nll(logits_of, ids: torch.Tensor, n_tokens: int, window: int) -> torch.Tensor:
+    """NLL of each of the first `n_tokens` predictions of the 1-D token ids, in windows of `window`.
+
+    Window i feeds ids[i*window : (i+1)*window] to logits_of (which returns float32 logits
+    (window, vocab)) and scores the `window` tokens after its first, so the windows do not overlap
+    and every token is predicted with at most `window` tokens of context. The course's one
+    windowing: core.evaluation's token_nll (a torch model, Lessons 4 and 11) and
+    llama_cpp_token_nll (llama.cpp) call it; it lives here, the earlier of the two core modules.
+    """
+    check_windows(n_tokens, window)
+    if ids.numel() < n_tokens + 1:
+        raise ValueError(f"the text has {ids.numel()} tokens; {n_tokens + 1} are needed")
     losses = []
     for start in range(0, n_tokens, window):
-        chunk = ids[start : start + window + 1]
-        llm.reset()
-        llm.eval(chunk[:-1])
-        logits = torch.tensor(llm.scores[:window], dtype=torch.float32)  # (window, vocab)
-        losses.append(torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="none"))
-    return torch.cat(losses)
+        chunk = ids[start : start + window + 1]  # (window + 1,)
+        logits = logits_of(chunk[:-1])
+        losses.append(torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="none"))
+    return torch.cat(losses)  # (n_tokens,)
 
 
 def llama_cpp_generate(llm, prompt_ids: list[int], new_tokens: int = 32) -> list[int]:

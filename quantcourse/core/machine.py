@@ -14,7 +14,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["CLAIMS_LOG", "cpu_capability", "claim", "INSTRUCTION_SETS", "cpu_instruction_sets"]
+__all__ = [
+    "CLAIMS_LOG",
+    "cpu_capability",
+    "claim",
+    "CPU_FLAGS",
+    "INSTRUCTION_SETS",
+    "KERNEL_FLAGS",
+    "cpu_flags",
+    "cpu_model_name",
+    "cpu_instruction_sets",
+]
 
 
 CLAIMS_LOG = "QUANT_COURSE_CLAIMS_LOG"
@@ -65,14 +75,54 @@ def claim(text: str, value: Any, low: float | None = None, high: float | None = 
     print(f"✓ {text}")
 
 
-INSTRUCTION_SETS = {
+CPU_FLAGS = {
     "avx2": "AVX2",
     "avx512f": "AVX-512",
     "avx512_vnni": "AVX-512 VNNI (int8 dot products)",
+    "avx_vnni": "AVX-VNNI (int8 dot products on 256-bit vectors)",
     "avx512_bf16": "AVX-512 BF16 (bf16 dot products)",
     "amx_tile": "AMX (matrix tiles)",
+    "amx_int8": "AMX-INT8 (int8 tile products)",
+    "amx_bf16": "AMX-BF16 (bf16 tile products)",
 }
-"""CPU flags (as /proc/cpuinfo names them) that decide which kernels are fast, and what they mean."""
+"""The course's one list of CPU flags (as /proc/cpuinfo names them) that decide which int8 and bf16
+kernels are fast, and what they mean. Lesson 10 explains INSTRUCTION_SETS; the benchmark's machine
+line and Lesson 11 list KERNEL_FLAGS."""
+
+INSTRUCTION_SETS = {flag: CPU_FLAGS[flag] for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")}
+"""The instruction sets Lesson 10 explains (`cpu_instruction_sets`): AMX as one set, its tiles."""
+
+KERNEL_FLAGS = tuple(flag for flag in CPU_FLAGS if flag != "amx_tile")
+"""The flags the benchmark's machine line and Lesson 11 report: AMX as the products it computes
+(amx_int8, amx_bf16; a CPU with either has amx_tile), and the 256-bit avx_vnni."""
+
+
+def _cpuinfo_lines(cpuinfo: str | Path) -> list[str] | None:
+    """The lines of /proc/cpuinfo (or of the file given), None where it cannot be read."""
+    try:
+        return Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return None
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo", wanted=CPU_FLAGS) -> dict[str, bool] | None:
+    """{flag: whether this CPU has it} for each of `wanted` (default CPU_FLAGS), from the first
+    "flags" line of /proc/cpuinfo; None where the file cannot be read (not Linux).
+
+    The course's one reader of the CPU's flags: `cpu_instruction_sets` (Lesson 10), the
+    benchmark's machine line and Lesson 11 call it.
+    """
+    lines = _cpuinfo_lines(cpuinfo)
+    if lines is None:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return {flag: flag in flags for flag in wanted}
+
+
+def cpu_model_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name, from the first "model name" line of /proc/cpuinfo; None where there is none."""
+    lines = _cpuinfo_lines(cpuinfo)
+    return next((line.split(":", 1)[1].strip() for line in lines or [] if line.startswith("model name")), None)
 
 
 def cpu_instruction_sets(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, bool]:
@@ -81,9 +131,5 @@ def cpu_instruction_sets(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, boo
     torch may use fewer than the CPU has: `helper.cpu_capability()` says which kernels it
     dispatches to (ATEN_CPU_CAPABILITY=avx2 forces AVX2 on an AVX-512 CPU).
     """
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        text = ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return {flag: flag in flags for flag in INSTRUCTION_SETS}
+    found = cpu_flags(cpuinfo, INSTRUCTION_SETS)
+    return found if found is not None else dict.fromkeys(INSTRUCTION_SETS, False)

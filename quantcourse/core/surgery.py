@@ -5,6 +5,9 @@ layers have seen their inputs (hooks). Used from Lesson 3 (W8A16) to Lesson 9 (G
 from __future__ import annotations
 
 import contextlib
+import sys
+import warnings
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -76,13 +79,54 @@ def run_with_input_hooks(model: nn.Module, ids: torch.Tensor, names: list[str], 
     )
 
 
-def replace_linears(model: nn.Module, make, exclude: tuple[str, ...] | str = ("lm_head",)) -> nn.Module:
-    """Replace every nn.Linear (outside `exclude`) by make(linear), in place; returns the model."""
+def replace_linears(
+    model: nn.Module, make, exclude: tuple[str, ...] | str = ("lm_head",), replacement: str = "the new layer"
+) -> nn.Module:
+    """Replace every nn.Linear whose qualified name is not excluded by make(linear), in place; returns the model.
+
+    The course's one linear-swap loop, written in Lesson 3 (replace_linear_with_w8a16) and called
+    by Lesson 4's replace_linear_with_gguf, Lesson 8 (W8A8, LLM.int8()), Lesson 9's
+    quantize_llama_4bit and the benchmark. An entry of `exclude` excludes the module of that name,
+    any module whose name ends in "." + it (so "lm_head" is found at any depth) and everything
+    inside it. make(linear) may return None: that layer stays as it is. A replaced weight that
+    another module shares (SmolLM2's lm_head is tied to the embedding) warns: `replacement` does
+    not replace the float tensor, which the other module keeps using.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"replace_linears expects an nn.Module, got {type(model).__name__}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    if not all(isinstance(e, str) for e in exclude):
+        raise TypeError("exclude must be a string or a sequence of module names (strings)")
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_excluded(n, exclude)]
     if not targets:
         raise ValueError("replace_linears: no nn.Linear layer to replace")
+    if targets[0][0] == "":
+        raise ValueError(
+            f"model is itself an nn.Linear: nothing holds it to swap; build {replacement} from it "
+            "directly (e.g. W8A16Linear.from_linear(model))"
+        )
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)].append(name)
     for name, linear in targets:
+        new = make(linear)
+        if new is None:
+            continue
+        tied = [o for o in owners[id(linear.weight)] if not o.startswith(f"{name}.")]
+        if tied:
+            warnings.warn(
+                f"{name}.weight is tied to {tied[0]}: {replacement} does not replace the float "
+                "tensor, which stays for the other user (exclude it to keep the tie)",
+                stacklevel=_caller_stacklevel(),
+            )
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, make(linear))
+        setattr(model.get_submodule(parent_name), child, new)
     return model
+
+
+def _caller_stacklevel() -> int:
+    """The warnings stacklevel of the first caller outside this package (a notebook, a script)."""
+    level, frame = 2, sys._getframe(2)  # 1: replace_linears, 2: its caller
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("quantcourse."):
+        level, frame = level + 1, frame.f_back
+    return level

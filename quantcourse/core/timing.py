@@ -35,7 +35,7 @@ TIMING_REPEATS = 3
 DECODE_TOKENS = 8
 """New tokens per timed decode round in the lessons. The capstone benchmark generates 32 in 5
 rounds; the lessons' 8 in 3 rounds keep the whole course within its time budget and give the
-same speed-ups within the spread of their rounds (tests/test_lesson11_speed_consistency.py)."""
+same speed-ups within the spread of their rounds (tests/test_course_speed_consistency.py)."""
 
 
 def time_variants(variants: dict[str, Any], repeats: int = TIMING_REPEATS, warmup: int = 1) -> dict[str, list[float]]:
