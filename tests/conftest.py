@@ -1,7 +1,14 @@
-"""Shared fixtures: a tiny random Llama for tests of code paths only (never for claims about a trained model)."""
+"""Shared fixtures: a tiny random Llama for tests of code paths only (never for claims about a trained model).
+
+The course's package is imported here, before any test module: its import hook, which keeps bitsandbytes
+off its AVX512-BF16 kernel in the forced-AVX2 pass, must be in place before a test module imports
+bitsandbytes (quantcourse/__init__.py).
+"""
 
 import pytest
 import torch
+
+import quantcourse  # noqa: F401  (first: see the docstring)
 
 
 @pytest.fixture

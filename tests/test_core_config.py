@@ -1,9 +1,17 @@
-"""Core helper behaviour: the course's DummyModel, dtype printing, seeding, images."""
+"""core/config.py: the cache folder, the Hub switch, seeding, installed versions and their check."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
 import helper
+
+
+@pytest.fixture(autouse=True)
+def _no_claims_log(monkeypatch):
+    """check_versions claims: keep these tests' claims out of a claims log set for a test pass."""
+    monkeypatch.delenv(helper.CLAIMS_LOG, raising=False)
 
 
 def test_setup_notebook_seeds_torch_and_numpy():
@@ -43,8 +51,16 @@ def test_setup_notebook_freezes_what_exists_and_still_collects_what_comes_later(
 def test_versions_reports_what_is_installed(monkeypatch):
     from importlib import metadata
 
+    import accelerate
+    import bitsandbytes
+    import transformers
+
     found = helper.versions()
-    assert found and all(found[name] == metadata.version(name) for name in found)
+    # the libraries the lessons' numbers depend on, as requirements.txt lists them first
+    assert set(found) == {"torch", "transformers", "optimum-quanto", "torchao", "bitsandbytes", "accelerate", "gguf"}
+    # the versions the imported modules report themselves, not read from the same metadata
+    assert found["torch"] == torch.__version__ and found["transformers"] == transformers.__version__
+    assert found["bitsandbytes"] == bitsandbytes.__version__ and found["accelerate"] == accelerate.__version__
     real = metadata.version
     monkeypatch.setattr(
         metadata,
@@ -54,74 +70,33 @@ def test_versions_reports_what_is_installed(monkeypatch):
     assert helper.versions()["torchao"] == "not installed"
 
 
-def test_every_shipped_photo_loads_as_rgb():
-    photos = [p for p in helper.ASSETS_DIR.glob("*.jpg")]
-    assert len(photos) >= 5
-    for path in photos:
-        image = helper.load_image(path)
-        assert image.mode == "RGB" and min(image.size) >= 224
+def test_hub_switch_parsing(monkeypatch):
+    for value, expected in [("1", True), ("true", True), ("0", False), ("", False), ("no", False)]:
+        monkeypatch.setenv(helper.HUB_SWITCH, value)
+        assert helper.use_hub() is expected
+    monkeypatch.delenv(helper.HUB_SWITCH)
+    assert helper.use_hub() is False
 
 
-def test_preprocess_image_gives_a_normalised_batch():
-    batch = helper.preprocess_image(helper.load_image(helper.asset_path("coffee.jpg")))
-    assert batch.shape == (1, 3, 224, 224) and batch.dtype == torch.float32
-    assert -3 < batch.min() < 0 < batch.max() < 3
+def test_missing_package_names_the_fix():
+    with pytest.raises(ModuleNotFoundError, match="make setup"):
+        helper.package_dir("no_such_course_package")
 
 
-def test_asset_path_lists_what_exists():
-    with pytest.raises(FileNotFoundError, match="chelsea_cat.jpg"):
-        helper.asset_path("dog.jpg")
+def test_cache_dir_is_made_where_asked_and_defaults_to_the_ignored_cache(tmp_path, monkeypatch):
+    wanted = tmp_path / "not" / "there" / "yet"
+    monkeypatch.setenv("QUANT_COURSE_CACHE", str(wanted))
+    assert helper.cache_dir() == wanted and wanted.is_dir()
+    monkeypatch.delenv("QUANT_COURSE_CACHE")
+    default = helper.cache_dir()
+    assert default == Path(__file__).resolve().parents[1] / ".cache" and default.is_dir()
+    ignored = (default.parent / ".gitignore").read_text().splitlines()
+    assert ".cache/" in ignored or ".cache" in ignored  # converted models are never committed
 
 
-def test_imagenet_classes_has_1000_names_in_model_order():
-    names = helper.imagenet_classes()
-    assert len(names) == 1000 and names[0] == "tench" and names[281] == "tabby"
-
-
-def test_get_generation_rejects_other_inputs():
-    with pytest.raises(TypeError, match="PIL image or a str"):
-        helper.get_generation(None, None, 42)
-
-
-def test_load_image_refuses_absurdly_large_images(tmp_path):
-    from PIL import Image
-
-    path = tmp_path / "huge.png"
-    Image.new("1", (8000, 8000)).save(path)  # 64 M pixels, a few kB on disk
-    with pytest.raises(ValueError, match="pixels"):
-        helper.load_image(path)
-
-
-def test_building_a_dummy_model_leaves_the_global_generator_alone():
-    torch.manual_seed(7)
-    expected = torch.rand(3)
-    torch.manual_seed(7)
-    helper.DummyModel()
-    assert torch.equal(torch.rand(3), expected)
-    logits = helper.DummyModel()(torch.tensor([[1, 0]]))[0, 0]
-    assert torch.allclose(logits, torch.tensor([-0.6872, 0.7132]), atol=1e-4)
-
-
-@pytest.mark.parametrize(
-    "value, offline",
-    [
-        ("1", True),
-        ("TRUE", True),
-        ("yes", True),
-        ("on", True),
-        ("0", False),
-        ("", False),
-        ("false", False),
-        ("off", False),
-    ],
-)
-def test_hf_hub_offline_is_parsed_as_huggingface_hub_does(monkeypatch, value, offline):
-    import socket
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", value)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
-    calls = []
-    real = socket.create_connection
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: calls.append(a) or real(*a, **k))
-    assert helper.hub_reachable(timeout=1) is False
-    assert (calls == []) is offline  # offline: no connection is even tried
+def test_check_versions_flags_a_library_outside_its_range(tmp_path):
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("torch==0.0.1  # impossible pin\n")
+    with pytest.raises(AssertionError, match="torch"):
+        helper.check_versions(reqs)
+    helper.check_versions()  # the repo's own ranges hold in the test environment

@@ -1,7 +1,8 @@
-"""Perplexity with a standard error, paired comparisons, and the benchmark reader (Lesson 11)."""
+"""core/evaluation.py: perplexity, per-token losses, their standard errors and paired differences, the calibration
+text (disjoint from the evaluation text)."""
 
 import math
-import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,53 +37,54 @@ def test_token_nll_refuses_windows_that_do_not_tile():
         helper.token_nll(None, None, n_tokens=100, window=64)
 
 
-def test_speedup_refuses_unpaired_rounds():
-    with pytest.raises(ValueError, match="same"):
-        helper.speedup({"a": [1.0, 2.0], "b": [1.0]}, "b", "a")
+class _Words:
+    """A tokenizer of single characters: 'abc' -> ids [0, 1, 2] (enough for the evaluation functions)."""
+
+    def __call__(self, text, return_tensors="pt"):
+        return SimpleNamespace(input_ids=torch.tensor([[ord(c) - ord("a") for c in text]]))
 
 
-def test_read_benchmark_reads_the_committed_table_and_refuses_others(tmp_path):
-    machine, rows = helper.read_benchmark()
-    assert "cores" in machine and rows[0]["method"] == "fp32" and isinstance(rows[0]["bytes"], int)
-    assert set(helper.read_benchmark_nll()) == {r["method"] for r in rows}
-    bad = tmp_path / "old.csv"
-    bad.write_text("# machine\nmethod,bytes\nfp32,1\n")
-    with pytest.raises(ValueError, match="columns"):
-        helper.read_benchmark(bad)
-    (tmp_path / "none.csv").write_text("method,bytes\n")
-    with pytest.raises(ValueError, match="machine"):
-        helper.read_benchmark(tmp_path / "none.csv")
+class _KnowsNothing(torch.nn.Module):
+    """A causal LM whose logits are all equal: every next token has probability 1 / vocab."""
+
+    def __init__(self, vocab: int = 26):
+        super().__init__()
+        self.vocab, self.seen = vocab, []
+
+    def forward(self, input_ids):
+        self.seen.append(input_ids[0].tolist())
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
 
 
-def _compare_methods():
-    return helper.load_script("benchmarks/compare_methods.py")
+def test_perplexity_of_a_model_that_knows_nothing_is_its_vocabulary_size():
+    assert helper.perplexity(_KnowsNothing(26), _Words(), text="thequickbrownfox") == pytest.approx(26, rel=1e-6)
+    with pytest.raises(ValueError, match="two tokens"):
+        helper.perplexity(_KnowsNothing(26), _Words(), text="a", max_tokens=1)
 
 
-@pytest.mark.parametrize(
-    "outcome, message",
-    [
-        ("timeout", "did not finish"),
-        ("oserror", "could not start"),
-        ("exit", "failed (exit 3)"),
-        ("no row", "printed no result row"),
-        ("bad row", "unexpected row"),
-    ],
-)
-def test_run_isolated_turns_every_failure_into_one_clear_error(monkeypatch, tmp_path, outcome, message):
-    import subprocess
-    from types import SimpleNamespace
+def test_token_nll_reads_windows_that_do_not_overlap():
+    model = _KnowsNothing(26)
+    text = "abcdefghijklmnopqrstuvwxyz"
+    nll = helper.token_nll(model, _Words(), n_tokens=8, window=4, text=text)
+    assert model.seen == [[0, 1, 2, 3], [4, 5, 6, 7]]  # tokens 1..8 scored, each window on its own tokens
+    torch.testing.assert_close(nll, torch.full((8,), math.log(26)))
+    with pytest.raises(ValueError, match="9 are needed"):
+        helper.token_nll(model, _Words(), n_tokens=8, window=4, text=text[:8])
 
-    cm = _compare_methods()
 
-    def fake_run(cmd, **kwargs):
-        if outcome == "timeout":
-            raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
-        if outcome == "oserror":
-            raise OSError("no such interpreter")
-        stdout = {"exit": "", "no row": "", "bad row": '{"method": "x"}'}[outcome]
-        return SimpleNamespace(returncode=3 if outcome == "exit" else 0, stdout=stdout, stderr="boom")
+def test_calibration_text_is_disjoint_from_eval_text():
+    cal, ev = helper.calibration_text(), helper.eval_text()
+    assert len(cal) > 40_000
+    # no 80-character window of the evaluation text appears in the calibration text
+    assert not any(ev[i : i + 80] in cal for i in range(0, len(ev) - 80, 20))
 
-    monkeypatch.setattr(cm.subprocess, "run", fake_run)
-    args = cm.parse_args(["--methods", "fp32"])
-    with pytest.raises(RuntimeError, match=re.escape(message)):
-        cm.run_isolated("fp32", tmp_path, args)
+
+def test_calibration_ids_shape_and_errors():
+    _, tok = helper.load_smollm2()
+    ids = helper.calibration_ids(tok, 1024, 256)
+    assert ids.shape == (4, 256) and ids.dtype == torch.long
+    for bad in [(1000, 256), (100, 256), (256, 0)]:
+        with pytest.raises(ValueError):
+            helper.calibration_ids(tok, *bad)
+    with pytest.raises(ValueError, match="calibration text has"):
+        helper.calibration_ids(tok, 512 * 1000, 512)

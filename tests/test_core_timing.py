@@ -1,4 +1,6 @@
-"""The course's one timing protocol: interleaved rounds, medians, spreads and verdicts."""
+"""core/timing.py: the course's one timing protocol: interleaved rounds, medians, spreads and verdicts."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +18,11 @@ def test_rounds_are_interleaved_after_warmup():
 def test_speedup_uses_paired_rounds():
     times = {"base": [2.0, 4.0, 3.0], "fast": [1.0, 1.0, 1.5]}
     assert helper.speedup(times, "fast", "base") == (2.0, 2.0, 4.0)
+
+
+def test_speedup_refuses_unpaired_rounds():
+    with pytest.raises(ValueError, match="same"):
+        helper.speedup({"a": [1.0, 2.0], "b": [1.0]}, "b", "a")
 
 
 @pytest.mark.parametrize(
@@ -96,3 +103,63 @@ def test_decode_timings_warms_up_short_then_times_interleaved_rounds():
     assert calls == [("a", 1), ("a", 1)]  # the warm-up never generates more than a round
     with pytest.raises(ValueError, match="warmup_tokens"):
         helper.decode_timings({"a": Recorder("a")}, Tok(), warmup_tokens=0)
+
+
+def test_the_lessons_decode_with_decode_tokens_in_timing_repeats_rounds_by_default(capsys):
+    """What the lessons call with no arguments: DECODE_TOKENS new tokens per round, TIMING_REPEATS rounds."""
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def generate(self, input_ids, max_new_tokens, min_new_tokens, do_sample):
+            calls.append(max_new_tokens)
+
+    class Tok:
+        def __call__(self, text, return_tensors="pt"):
+            return {"input_ids": torch.tensor([[1, 2]])}
+
+    times = helper.decode_timings({"a": Recorder()}, Tok())
+    assert calls == [2] + [helper.DECODE_TOKENS] * helper.TIMING_REPEATS  # a short warm-up, then the rounds
+    assert len(helper.time_variants({"a": lambda: None})["a"]) == helper.TIMING_REPEATS == len(times["a"])
+    helper.print_decode_speeds({"fp32": [2.0, 2.0, 2.0], "bf16": [0.5, 0.5, 0.5]}, "fp32")
+    rate = helper.DECODE_TOKENS / 0.5  # the default work per round is DECODE_TOKENS tokens
+    assert f"decode bf16 {rate:.1f} tokens/s (spread {rate:.1f}–{rate:.1f})" in capsys.readouterr().out
+
+
+def test_decode_timings_gives_a_llama_cpp_model_the_prompts_token_ids():
+    class LlamaLike:  # what decode_timings recognises as llama_cpp.Llama: generate and n_ctx
+        n_ctx = 64
+
+        def __init__(self):
+            self.prompts = []
+
+        def generate(self, tokens, temp, top_k, reset):
+            self.prompts.append(list(tokens))
+            while True:
+                yield 0
+
+    class Tok:
+        def __call__(self, text, return_tensors="pt"):
+            assert text == "The history of"
+            return SimpleNamespace(input_ids=torch.tensor([[504, 1463, 282]]))
+
+    llm = LlamaLike()
+    times = helper.decode_timings({"llama.cpp": llm}, Tok(), new_tokens=3, repeats=2)
+    assert llm.prompts == [[504, 1463, 282]] * 3 and len(times["llama.cpp"]) == 2  # a warm-up and 2 rounds
+
+
+def test_one_thread_runs_torch_on_one_thread_and_restores_the_count():
+    import re
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with helper.one_thread():
+            assert torch.get_num_threads() == 1
+            info = torch.__config__.parallel_info()  # what ATen's OpenMP backend itself reports
+            assert re.search(r"omp_get_max_threads\(\) : 1\b", info) or "OpenMP" not in info
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ZeroDivisionError), helper.one_thread():
+            raise ZeroDivisionError
+        assert torch.get_num_threads() == 2  # restored when the block raises too
+    finally:
+        torch.set_num_threads(before)

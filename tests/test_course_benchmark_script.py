@@ -1,9 +1,11 @@
-"""The capstone benchmark script, end to end on a tiny random Llama (no timings asserted)."""
+"""benchmarks/compare_methods.py, the capstone benchmark: end to end on a tiny random Llama (no timings asserted),
+and how it reports a method whose process fails."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +16,12 @@ import helper
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "compare_methods.py"
-# every test here reads one run of the script in fresh processes; they check its plumbing (rows, sizes,
-# files), which no CPU kernel decides, so the forced-AVX2 pass leaves them out
-pytestmark = [pytest.mark.slow, pytest.mark.cpu_independent]
+
+
+def end_to_end(test):
+    """The tests that read one run of the script in fresh processes: slow. They check its plumbing (rows, sizes,
+    files), which no CPU kernel decides, so the forced-AVX2 pass leaves them out."""
+    return pytest.mark.slow(pytest.mark.cpu_independent(test))
 
 
 def read_results(path: Path) -> tuple[str, list[dict]]:
@@ -55,6 +60,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return out, proc
 
 
+@end_to_end
 def test_csv_columns_and_methods(tiny_run):
     out, _ = tiny_run
     header, rows = read_results(out / "smollm2_cpu.csv")
@@ -64,6 +70,7 @@ def test_csv_columns_and_methods(tiny_run):
     assert "tiny random Llama" in header and "cores" in header and "torch " in header
 
 
+@end_to_end
 def test_sizes_and_ratios_are_consistent(tiny_run):
     out, _ = tiny_run
     rows = {r["method"]: r for r in read_results(out / "smollm2_cpu.csv")[1]}
@@ -77,6 +84,7 @@ def test_sizes_and_ratios_are_consistent(tiny_run):
     assert int(rows["fp32"]["reported_bytes"]) == size["fp32"]
 
 
+@end_to_end
 def test_measurements_are_finite(tiny_run):
     out, _ = tiny_run
     nll = helper.read_benchmark_nll(out / "smollm2_cpu_nll.npz")
@@ -91,6 +99,7 @@ def test_measurements_are_finite(tiny_run):
             assert row[column] > 0, (column, row)
 
 
+@end_to_end
 def test_markdown_table_matches_csv(tiny_run):
     out, _ = tiny_run
     text = (out / "smollm2_cpu.md").read_text()
@@ -105,8 +114,43 @@ def test_markdown_table_matches_csv(tiny_run):
     ]
 
 
+@end_to_end
 def test_unknown_method_is_rejected():
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--methods", "int3-magic"], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def _compare_methods():
+    return helper.load_script("benchmarks/compare_methods.py")
+
+
+@pytest.mark.parametrize(
+    "outcome, message",
+    [
+        ("timeout", "did not finish"),
+        ("oserror", "could not start"),
+        ("exit", "failed (exit 3)"),
+        ("no row", "printed no result row"),
+        ("bad row", "unexpected row"),
+    ],
+)
+def test_run_isolated_turns_every_failure_into_one_clear_error(monkeypatch, tmp_path, outcome, message):
+    import subprocess
+    from types import SimpleNamespace
+
+    cm = _compare_methods()
+
+    def fake_run(cmd, **kwargs):
+        if outcome == "timeout":
+            raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+        if outcome == "oserror":
+            raise OSError("no such interpreter")
+        stdout = {"exit": "", "no row": "", "bad row": '{"method": "x"}'}[outcome]
+        return SimpleNamespace(returncode=3 if outcome == "exit" else 0, stdout=stdout, stderr="boom")
+
+    monkeypatch.setattr(cm.subprocess, "run", fake_run)
+    args = cm.parse_args(["--methods", "fp32"])
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        cm.run_isolated("fp32", tmp_path, args)

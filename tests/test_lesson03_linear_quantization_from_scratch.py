@@ -335,7 +335,15 @@ def test_pack_by_hand():
     assert helper.pack_weights(torch.tensor([3, 1, 2]), 2).tolist() == [0b100111]  # padded with 0
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_pack_bits_are_the_widths_whose_codes_fill_a_byte_exactly():
+    assert sorted(helper.PACK_BITS) == [b for b in range(1, 8) if 8 % b == 0]  # 1, 2, 4: not 3, 5, 6, 7 (or 8)
+    for bits in range(0, 10):
+        if bits not in helper.PACK_BITS:
+            with pytest.raises(ValueError, match="bits"):
+                helper.pack_weights(torch.tensor([0]), bits)
+
+
+@pytest.mark.parametrize("bits", helper.PACK_BITS)
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 4, 8)])
 def test_pack_unpack_round_trip(bits, shape):
     torch.manual_seed(bits)

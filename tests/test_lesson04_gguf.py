@@ -1,12 +1,15 @@
 """Lesson 4 (GGUF): the from-scratch block formats against gguf-py, bit for bit, and their errors."""
 
+import copy
+
+import gguf
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import helper
 
-gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
 
 
@@ -70,6 +73,14 @@ def test_bits_per_weight_from_the_block_layout():
     assert bpw == {"Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K": 4.5}
 
 
+def test_the_block_layouts_are_gguf_pys():
+    for fmt, layout in helper.GGUF_FORMATS.items():
+        assert isinstance(layout, helper.GGUFFormat)
+        assert (layout.block_size, layout.type_size) == gguf.GGML_QUANT_SIZES[T[fmt]], fmt
+    q6_k = helper.GGUFFormat(*gguf.GGML_QUANT_SIZES[T.Q6_K])  # a layout the course does not implement
+    assert q6_k.bits_per_weight == 8 * 210 / 256 == 6.5625
+
+
 def test_round_half_away_from_zero_is_c_roundf():
     x = torch.tensor([2.5, -2.5, 0.5, -0.5, 1.49999988, 0.49999997, 3.0])
     assert helper.round_half_away_from_zero(x).tolist() == [3.0, -3.0, 1.0, -1.0, 1.0, 0.0, 3.0]
@@ -115,7 +126,9 @@ def test_gguf_linear_matches_dequantized_weights_and_counts_its_bytes():
     layer = helper.GGUFLinear.from_linear(lin, "Q4_1")
     assert helper.model_size(layer) == 8 * 2 * 20 + 8 * 4  # 2 blocks of 20 bytes per row + fp32 bias
     x = torch.randn(3, 64)
-    w = helper.gguf_dequantize(helper.gguf_quantize(lin.weight, "Q4_1"), "Q4_1")
+    blocks = gguf.quants.quantize(lin.weight.detach().numpy(), T.Q4_1)  # gguf-py's bytes and its dequantization
+    assert np.array_equal(layer.blocks.numpy(), blocks)
+    w = torch.from_numpy(gguf.quants.dequantize(blocks, T.Q4_1))
     assert torch.equal(layer(x), torch.nn.functional.linear(x, w, lin.bias))
 
 
@@ -170,8 +183,6 @@ def test_nearest_level_codes_is_bucketize_with_ties_to_the_lower_level():
 
 
 def _same_as_gguf_py(path):
-    import gguf
-
     infos = helper.gguf_tensor_infos(path)
     tensors = gguf.GGUFReader(path).tensors
     assert list(infos) == [t.name for t in tensors]
@@ -191,8 +202,6 @@ def test_gguf_tensor_infos_equal_gguf_py_on_the_packaged_file():
 
 
 def test_gguf_tensor_infos_on_a_hand_written_file_with_every_value_kind(tmp_path):
-    import gguf
-
     path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_custom_alignment(64)  # general.alignment, not the default 32: the data section moves
@@ -218,8 +227,6 @@ def test_gguf_tensor_infos_refuses_what_is_not_a_whole_gguf_header(tmp_path):
     other.write_bytes(b"PK\x03\x04" + bytes(40))
     with pytest.raises(ValueError, match="not a GGUF file"):
         helper.gguf_tensor_infos(other)
-    import gguf
-
     wrong = tmp_path / "wrong.gguf"
     writer = gguf.GGUFWriter(str(wrong), "llama")
     writer.add_uint64("general.alignment", 64)  # the format says uint32
@@ -238,3 +245,46 @@ def test_gguf_tensor_infos_refuses_what_is_not_a_whole_gguf_header(tmp_path):
     huge.write_bytes(header + key + (9).to_bytes(4, "little") + (2**62).to_bytes(8, "little"))  # of 2**62 arrays
     with pytest.raises(ValueError, match="ends early"):
         helper.gguf_tensor_infos(huge)  # refused at once, not a loop over 2**62 elements
+
+
+def test_replace_linear_with_gguf_requantizes_every_layer_but_lm_head_with_gguf_pys_bytes(tiny_llama):
+    model, ids = tiny_llama
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert helper.replace_linear_with_gguf(model, "Q8_0") is model
+    swapped = {n: m for n, m in model.named_modules() if isinstance(m, helper.GGUFLinear)}
+    assert sorted(swapped) == sorted(n for n in original if n != "lm_head") and type(model.lm_head) is nn.Linear
+    for name, layer in swapped.items():
+        assert np.array_equal(layer.blocks.numpy(), gguf.quants.quantize(original[name].numpy(), T.Q8_0)), name
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert 0 < (after - before).abs().max() < 0.01 * before.abs().max()  # 8-bit blocks: close, not equal
+
+
+def test_replace_linear_with_gguf_takes_a_files_blocks_and_keeps_its_f32_layers(tiny_llama):
+    model, _ = tiny_llama
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    tensors = {}
+    for name, linear in linears.items():  # as read_gguf_tensors gives them: q and k in Q4_1, the rest in F32
+        w = linear.weight.detach()
+        if name.endswith(("q_proj", "k_proj")):
+            tensors[f"{name}.weight"] = ("Q4_1", torch.from_numpy(gguf.quants.quantize(w.numpy(), T.Q4_1)))
+        else:
+            tensors[f"{name}.weight"] = ("F32", w.clone())
+    x = torch.randn(3, 64)
+    swapped = helper.replace_linear_with_gguf(model, tensors=tensors)
+    for name, linear in linears.items():
+        kind, data = tensors[f"{name}.weight"]
+        now = swapped.get_submodule(name)
+        if kind == "F32":
+            assert now is linear  # the very same layer, untouched
+        else:
+            assert isinstance(now, helper.GGUFLinear) and torch.equal(now.blocks, data)
+            w = torch.from_numpy(gguf.quants.dequantize(data.numpy(), T.Q4_1))
+            assert torch.equal(now(x), x @ w.T)
+    with pytest.raises(ValueError, match="no tensor for layer"):
+        helper.replace_linear_with_gguf(copy.deepcopy(model), tensors={})
+    for fmt, given in ((None, None), ("Q8_0", tensors)):
+        with pytest.raises(ValueError, match="exactly one"):
+            helper.replace_linear_with_gguf(model, fmt, tensors=given)

@@ -1,4 +1,5 @@
-"""Lesson 8 (outliers and 8-bit activations): the integer matmul, LLM.int8() and SmoothQuant."""
+"""Lesson 8 (outliers and 8-bit activations): layer inputs, the integer matmul, W8A8, LLM.int8() and SmoothQuant's
+folds (which AWQ reuses in Lesson 9)."""
 
 import pytest
 import torch
@@ -7,22 +8,26 @@ from torch import nn
 import helper
 
 
-def test_calibration_text_is_disjoint_from_eval_text():
-    cal, ev = helper.calibration_text(), helper.eval_text()
-    assert len(cal) > 40_000
-    # no 80-character window of the evaluation text appears in the calibration text
-    assert not any(ev[i : i + 80] in cal for i in range(0, len(ev) - 80, 20))
-
-
-def test_calibration_ids_shape_and_errors():
-    _, tok = helper.load_smollm2()
-    ids = helper.calibration_ids(tok, 1024, 256)
-    assert ids.shape == (4, 256) and ids.dtype == torch.long
-    for bad in [(1000, 256), (100, 256), (256, 0)]:
-        with pytest.raises(ValueError):
-            helper.calibration_ids(tok, *bad)
-    with pytest.raises(ValueError, match="calibration text has"):
-        helper.calibration_ids(tok, 512 * 1000, 512)
+def test_linear_inputs_are_what_reaches_each_layer_sampled_evenly_and_skipping_the_first_tokens(tiny_llama):
+    model, ids = tiny_llama  # (2 rows, 16 tokens)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    seen = {}
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, args, out, n=n: seen.update({n: args[0]})) for n in names
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)  # one ordinary batched pass, its inputs caught by forward hooks
+    for hook in hooks:
+        hook.remove()
+    inputs = helper.linear_inputs(model, ids, names)
+    for name in names:
+        expected = seen[name].reshape(-1, seen[name].shape[-1])  # (32 tokens, in_features)
+        assert inputs[name].dtype == torch.float32
+        torch.testing.assert_close(inputs[name], expected, rtol=1e-5, atol=1e-5)
+    sampled = helper.linear_inputs(model, ids, names, max_rows=8)  # 4 per row: tokens 0, 5, 10 and 15
+    torch.testing.assert_close(sampled[names[1]], inputs[names[1]][[0, 5, 10, 15, 16, 21, 26, 31]])
+    skipped = helper.linear_inputs(model, ids, names, skip_first=2)
+    torch.testing.assert_close(skipped[names[0]], seen[names[0]][:, 2:].reshape(28, -1), rtol=1e-5, atol=1e-5)
 
 
 def test_quantize_rows_absmax_exact_integers():
@@ -75,21 +80,23 @@ def test_w8a8_zero_point_term_matches_dequantized_product():
 
 
 @pytest.mark.parametrize("activations", helper.W8A8_ACTIVATIONS)
-def test_w8a8linear_float_path_equals_integer_reference(activations):
-    g = torch.Generator().manual_seed(3)
-    lin = nn.Linear(64, 24, bias=True)
-    x = torch.randn(2, 5, 64, generator=g)
+def test_w8a8linear_on_a_grid_it_represents_exactly(activations):
+    """Weights and activations on int8 grids: the layer's integer arithmetic gives x @ w.T exactly, except where
+    one scale per tensor must round the second token (its own absmax, 63.5, would give it a grid of 0.5)."""
+    codes = torch.tensor([[127.0, -64.0, 1.0, 0.0], [2.0, 2.0, -127.0, 10.0]])
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.copy_(codes / 128)  # each row's absmax is 127 steps of 1/128
+        lin.bias.copy_(torch.tensor([0.25, -1.0]))
+    x = torch.tensor([[[127.0, -3.0, 50.0, 7.0], [63.5, 0.5, -1.5, 2.0]]])  # (1, 2 tokens, 4)
     layer = helper.W8A8Linear.from_linear(lin, activations)
+    assert torch.equal(layer.qweight, codes.to(torch.int8)) and torch.equal(layer.scale, torch.full((2, 1), 1 / 128))
+    # per tensor, the step is 127 / 127 = 1: the second token rounds half to even (63.5 -> 64, 0.5 -> 0, -1.5 -> -2)
+    seen = x if activations == "per_token" else torch.tensor([[[127.0, -3.0, 50.0, 7.0], [64.0, 0.0, -2.0, 2.0]]])
+    expected = seen.double() @ (codes.double() / 128).T + torch.tensor([0.25, -1.0], dtype=torch.float64)
     y = layer(x)
-    x2 = x.reshape(-1, 64)
-    if activations == "per_tensor":
-        qx, sx = helper.quantize_rows_absmax(x2.reshape(1, -1))
-        qx, sx = qx.reshape(x2.shape), sx
-    else:
-        qx, sx = helper.quantize_rows_absmax(x2)
-    ref = helper.int8_matmul(qx, layer.qweight).double() * sx.double() * layer.scale.T.double() + lin.bias.double()
-    assert y.shape == (2, 5, 24)
-    assert torch.allclose(y.reshape(-1, 24).double(), ref, rtol=1e-6, atol=1e-6)
+    assert y.shape == (1, 2, 2) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError):
         helper.W8A8Linear(4, 4, activations="per_row")
 
@@ -144,11 +151,6 @@ def test_smooth_llama_keeps_the_float_model(tiny_llama):
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
 
 
-def test_replace_linears_errors():
-    with pytest.raises(ValueError, match="no nn.Linear"):
-        helper.replace_linears(nn.Sequential(nn.ReLU()), helper.W8A8Linear.from_linear)
-
-
 def test_llama_input_groups_cover_every_linear_but_lm_head(tiny_llama):
     model, _ = tiny_llama
     groups = helper.llama_input_groups(model)
@@ -162,3 +164,17 @@ def test_fold_input_scale_rejects_unknown_fold(tiny_llama):
     model, _ = tiny_llama
     with pytest.raises(ValueError, match="unknown fold"):
         helper.fold_input_scale(model, model.model.norm, "columns", [], torch.ones(64))
+
+
+def test_awq_fold_keeps_the_float_model(tiny_llama):
+    model, ids = tiny_llama
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    modules = dict(model.named_modules())
+    for names, source, how in helper.llama_input_groups(model):
+        if source is not None:
+            in_features = modules[names[0]].in_features
+            s = torch.linspace(0.5, 2.0, in_features)
+            helper.fold_input_scale(model, source, how, names, s)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-4, rtol=1e-4)

@@ -14,19 +14,6 @@ BF16 = torch.bfloat16
 # -- 1. the roofline ---------------------------------------------------------
 
 
-def test_cpu_instruction_sets_reads_the_flags_line(tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
-    assert helper.cpu_instruction_sets(info) == {
-        "avx2": True,
-        "avx512f": True,
-        "avx512_vnni": False,
-        "avx512_bf16": True,
-        "amx_tile": False,
-    }
-    assert not any(helper.cpu_instruction_sets(tmp_path / "missing").values())
-
-
 def test_roofline_is_bandwidth_over_bytes():
     assert helper.roofline_tokens_per_s(100e6, 25) == pytest.approx(250)
     assert helper.roofline_tokens_per_s(538_060_288, 30) == pytest.approx(30e9 / 538_060_288)
@@ -92,16 +79,59 @@ def test_pack_scales_and_zeros_layout():
         helper.pack_scales_and_zeros(scale, zero[:, :2])
 
 
+def _on_the_grid_of(kind: str) -> torch.Tensor:
+    """A (32, 64) weight that the storage of `kind` holds exactly, in fp32 and bf16 alike, built by hand."""
+    g = torch.Generator().manual_seed(2)
+    if kind == "float":  # 8-bit integers times a power of two: exact in bf16
+        return torch.randint(-128, 128, (32, 64), generator=g) * 2.0**-6
+    if kind.startswith("int8"):  # codes -127..127, row r's absmax 127 steps of 2**-(5 + r % 4)
+        codes = torch.randint(-127, 128, (32, 64), generator=g).float()
+        codes[:, 0] = 127
+        return codes * 2.0 ** -(5 + torch.arange(32) % 4)[:, None]
+    # int4: per group of 32, codes 0..15 (both ends used) on a step of 1/4 or 1/2 from -2 or -4: the middle
+    # code, the kernel's zero, is then exactly 0
+    codes = torch.randint(0, 16, (32, 64), generator=g)
+    codes[:, ::32], codes[:, 1::32] = 0, 15
+    step = torch.tensor([0.25, 0.5]).repeat_interleave(32).expand(32, 64)
+    return -8 * step + codes * step
+
+
+def _dequantized_by_hand(w: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 weight a PackedLinear(w, kind, dtype, 32) must multiply by, from other code than PackedLinear's:
+    w in dtype, Lesson 3's per-channel int8 codes with their scales in dtype, or the int4 codes and grid of
+    quantize_int4_groups dequantized as its documented convention says, w ~ (q - 8) * scale + zero."""
+    if kind == "float":
+        return w.to(dtype).float()
+    if kind.startswith("int8"):
+        q, scale, _ = helper.quantize_per_channel(w, bits=8, axis=0, symmetric=True)
+        return q.float() * scale.to(dtype).float()
+    q, scale, zero = helper.quantize_int4_groups(w, 32, dtype)
+    return (q - 8) * scale.float().repeat_interleave(32, 1) + zero.float().repeat_interleave(32, 1)
+
+
 @pytest.mark.parametrize("kind", helper.LINEAR_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["fp32", "bf16"])
-def test_packed_linear_computes_with_its_reference_weight(kind, dtype):
+def test_packed_linear_computes_with_a_weight_on_its_grid(kind, dtype):
+    """A hand-made weight its storage holds exactly: every kernel must compute x @ w.T with w itself."""
+    w, x = _on_the_grid_of(kind), torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    linear = helper.PackedLinear(w, kind, dtype, 32)
+    error = helper.kernel_error(linear, x, w)
+    assert error < (1e-5 if dtype == torch.float32 else 2e-2), error  # bf16: the activations' rounding
+    assert torch.equal(helper.reference_weight(w, kind, dtype, 32), w)
+    assert linear(x.to(dtype)).dtype == dtype and linear(x.to(dtype)).shape == (3, 32)
+
+
+@pytest.mark.parametrize("kind", helper.LINEAR_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["fp32", "bf16"])
+def test_packed_linear_on_random_weights_computes_with_an_independent_dequantization(kind, dtype):
     g = torch.Generator().manual_seed(2)
     w, x = torch.randn(32, 64, generator=g), torch.randn(3, 64, generator=g)
     linear = helper.PackedLinear(w, kind, dtype, 32)
-    reference = helper.reference_weight(w, kind, dtype, 32)
-    error = helper.kernel_error(linear, x, reference)
+    expected = _dequantized_by_hand(w, kind, dtype)
+    error = helper.kernel_error(linear, x, expected)
     assert error < (1e-5 if dtype == torch.float32 else 2e-2), error
-    assert linear(x.to(dtype)).dtype == dtype and linear(x.to(dtype)).shape == (3, 32)
+    reference = helper.reference_weight(w, kind, dtype, 32)
+    torch.testing.assert_close(reference, expected, rtol=0, atol=1e-6)
     # and the reference is the quantized weight, close to the original but not equal to it
     gap = (reference - w).abs().max().item()
     assert (gap == 0) if (kind == "float" and dtype == torch.float32) else (0 < gap < 0.5)
@@ -112,6 +142,24 @@ def test_packed_linear_bytes_are_what_it_holds():
     assert helper.PackedLinear(w, "float").nbytes == 576 * 1536 * 4
     assert helper.PackedLinear(w, "int8pack", BF16).nbytes == 576 * 1536 + 576 * 2
     assert helper.PackedLinear(w, "int4pack", BF16, 32).nbytes == 576 * 1536 // 2 + 576 * 48 * 2 * 2
+
+
+def test_the_int4_group_sizes_are_those_torchs_kernel_accepts():
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(16, 512, generator=g), torch.randn(2, 512, generator=g).to(BF16)
+    for group_size in (16, 32, 64, 128, 256, 512):
+        q, scale, zero = helper.quantize_int4_groups(w, group_size, BF16)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        args = (x, packed, group_size, helper.pack_scales_and_zeros(scale, zero))
+        if group_size in helper.INT4_GROUP_SIZES:
+            assert torch.ops.aten._weight_int4pack_mm_for_cpu(*args).shape == (2, 16)
+            error = helper.kernel_error(helper.PackedLinear(w, "int4pack", BF16, group_size), x, w)
+            assert 0 < error < 0.3  # the error of 4-bit groups of that size (0.10 to 0.18 here), not garbage
+        else:
+            with pytest.raises(RuntimeError, match="qGroupSize"):
+                torch.ops.aten._weight_int4pack_mm_for_cpu(*args)
+            with pytest.raises(ValueError, match="group size"):
+                helper.PackedLinear(w, "int4pack", BF16, group_size)
 
 
 def test_packed_linear_rejects_what_its_kernel_cannot_do():
@@ -160,6 +208,32 @@ def test_rms_norm_and_rope_equal_transformers_in_fp32():
     torch.testing.assert_close(got, expected[0].transpose(0, 1), rtol=0, atol=1e-6)
 
 
+def test_attention_in_and_mlp_out_are_the_two_halves_of_a_transformers_llama_layer(tiny_llama):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    llama, _ = tiny_llama  # hidden 64, 4 heads and 2 kv heads of 16
+    decoder = helper.FastDecoder(llama, max_len=16)
+    ours, theirs = decoder.layers[0], llama.model.layers[0]
+    g = torch.Generator().manual_seed(4)
+    T, x, attn = 5, torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g)
+    q, k, v = helper.attention_in(x, decoder.cos[:T], decoder.sin[:T], ours.norm1, ours.qkv, 4, 2, decoder.eps)
+    with torch.no_grad():
+        h = theirs.input_layernorm(x)
+        cos, sin = llama.model.rotary_emb(x[None], torch.arange(T)[None])  # (1, T, head_dim)
+        heads = lambda proj, n: proj(h).view(T, n, 16).transpose(0, 1)[None]  # (1, n, T, head_dim)
+        q_hf, k_hf = apply_rotary_pos_emb(
+            heads(theirs.self_attn.q_proj, 4), heads(theirs.self_attn.k_proj, 2), cos, sin
+        )
+        v_hf = theirs.self_attn.v_proj(h).view(T, 2, 16)
+        residual = x + theirs.self_attn.o_proj(attn)
+        expected = residual + theirs.mlp(theirs.post_attention_layernorm(residual))
+    torch.testing.assert_close(q, q_hf[0].transpose(0, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(k, k_hf[0].transpose(0, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(v, v_hf, rtol=0, atol=1e-5)
+    out = helper.mlp_out(x, attn, ours.o, ours.norm2, ours.gate_up, ours.down, decoder.eps)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
 def test_fast_decoder_fp32_equals_transformers(tiny_llama):
     llama, _ = tiny_llama  # conftest.py's (model, ids)
     decoder = helper.FastDecoder(llama, max_len=64)
@@ -178,11 +252,24 @@ def test_fast_decoder_counts_what_it_holds(tiny_llama):
     llama, _ = tiny_llama  # conftest.py's (model, ids)
     fp32 = helper.FastDecoder(llama, max_len=64)
     int4 = helper.FastDecoder(llama, "int4pack", BF16, 32, max_len=64)
+    # per layer: q, k, v fused (64 + 32 + 32 rows of 64), o (64 x 64), gate and up fused (256 x 64), down (64 x 128):
+    # 36,864 weights; the tied lm_head 96 x 64. int4 layers: packed codes, a (groups, out, 2) bf16 scale and zero;
+    # the int8 head (int4's default): int8 codes and a bf16 scale per row, its int8 rows also give the embedding
+    layer_weights, head_weights = 128 * 64 + 64 * 64 + 256 * 64 + 64 * 128, 96 * 64
+    int4_scales = (2 * 128 + 2 * 64 + 2 * 256 + 4 * 64) * 2 * 2  # groups of 32 x out x (scale, zero) x 2 bytes
+    expected = {
+        fp32: {"weights": (2 * layer_weights + head_weights) * 4, "scales": 0, "embedding row": 64 * 4},
+        int4: {
+            "weights": 2 * layer_weights // 2 + head_weights,
+            "scales": 2 * int4_scales + 96 * 2,
+            "embedding row": 64,
+        },
+    }
     for decoder in (fp32, int4):
         per_token = helper.bytes_per_token(decoder, position=10)
         linears = decoder.linears()
         assert len(linears) == 2 * 4 + 1 and linears[-1] is decoder.head
-        assert per_token["weights"] + per_token["scales"] == sum(lin.nbytes for lin in linears)
+        assert {k: v for k, v in per_token.items() if k != "kv cache"} == expected[decoder]
         assert per_token["kv cache"] == 10 * 2 * 2 * 2 * 16 * decoder.k_cache.element_size()  # layers kv heads hd
         assert helper.model_size(decoder) == decoder.get_memory_footprint() > per_token["weights"]
     assert int4.head_kind == "int8pack" and int4.embed_table is None  # the tied head gives the embedding rows
@@ -214,22 +301,6 @@ def test_fast_decoder_rejects_bad_input(tiny_llama):
         decoder(input_ids=torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(NotImplementedError, match="greedily"):
         decoder.generate(torch.zeros(1, 3, dtype=torch.long), do_sample=True)
-
-
-def test_with_generation_config_shares_weights_not_settings(tiny_llama):
-    llama, _ = tiny_llama  # conftest.py's (model, ids)
-    static = helper.with_generation_config(llama, cache_implementation="static")
-    assert static.generation_config.cache_implementation == "static"
-    assert llama.generation_config.cache_implementation != "static"
-    assert static.lm_head.weight is llama.lm_head.weight
-    ids = torch.randint(0, 96, (1, 5))
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    with torch.no_grad():
-        assert torch.equal(static.generate(ids, **kwargs), llama.generate(ids, **kwargs))
-    with pytest.raises(ValueError, match="no setting"):
-        helper.with_generation_config(llama, cache_kind="static")
-    with pytest.raises(TypeError, match="generation_config"):
-        helper.with_generation_config(nn.Linear(2, 2))
 
 
 @pytest.mark.slow
