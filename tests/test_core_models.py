@@ -167,3 +167,28 @@ def test_hub_reachable_waits_hub_timeout_s_for_the_endpoints_host_and_port(monke
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
         assert helper.hub_reachable() is False
         assert seen.pop() == (address, helper.HUB_TIMEOUT_S)
+
+
+def test_t5_tokenizer_loads_a_sentencepiece_model_offline(tmp_path):
+    """The original course's flan-t5 path: T5Tokenizer from a folder holding only spiece.model.
+
+    transformers 5 builds T5Tokenizer's fast tokenizer from the SentencePiece model (sentencepiece reads
+    it); a tiny model trained here stands in for flan-t5's, so the path runs offline.
+    """
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"quantization maps float {i} to the integer grid number {i % 7}" for i in range(200)))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "spiece"), vocab_size=40, model_type="unigram", minloglevel=2,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+    )  # fmt: skip
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (tmp_path / "spiece.model").rename(folder / "spiece.model")
+    tokenizer = helper.load_hub_model(T5Tokenizer, str(folder), extra_ids=0)
+    text = "quantization maps float 3 to the integer grid"
+    reference = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    assert tokenizer.tokenize(text) == reference.encode(text, out_type=str)
+    assert tokenizer(text).input_ids == reference.encode(text) + [1]  # T5 appends </s> (id 1)

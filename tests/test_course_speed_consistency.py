@@ -50,10 +50,16 @@ LESSON_METHODS = {
 MARGIN = 1.10
 LINE = re.compile(
     r"^decode (?P<name>.+?)\s+[\d.]+ tokens/s \(spread [\d.]+–[\d.]+\)\s+"
-    r"(?:[\d.]+x (?:faster|slower) than|about as fast as) (?:transformers )?fp32 "
+    r"(?:[\d.]+x (?P<word>faster|slower) than|about as fast as) (?:transformers )?fp32 "
     r"\(spread (?P<low>[\d.]+)–(?P<high>[\d.]+)\)$",
     re.M,
 )
+
+
+def speedup_range(match: re.Match) -> tuple[float, float]:
+    """(lowest, highest) per-round speed-up of a parsed line: a "slower" verdict prints slow-downs."""
+    low, high = float(match["low"]), float(match["high"])
+    return (1 / high, 1 / low) if match["word"] == "slower" else (low, high)
 
 
 def stored_text(stem: str) -> str:
@@ -64,7 +70,7 @@ def stored_text(stem: str) -> str:
 
 def stored_speedups(stem: str) -> dict[str, tuple[float, float]]:
     """{model name: (lowest, highest) per-round speed-up over fp32} from a lesson's stored outputs."""
-    return {m["name"]: (float(m["low"]), float(m["high"])) for m in LINE.finditer(stored_text(stem))}
+    return {m["name"]: speedup_range(m) for m in LINE.finditer(stored_text(stem))}
 
 
 def table_range(method: str, rows: dict) -> tuple[float, float]:
@@ -105,8 +111,11 @@ def test_the_left_out_speeds_are_printed_beside_the_benchmarks(stem):
 
 def test_the_parser_reads_what_print_decode_speeds_prints(capsys):
     helper.print_decode_speeds({"fp32": [2.0, 2.0, 2.0], "bf16": [1.0, 1.1, 0.9]}, "fp32")
-    parsed = {m["name"]: (float(m["low"]), float(m["high"])) for m in LINE.finditer(capsys.readouterr().out)}
+    parsed = {m["name"]: speedup_range(m) for m in LINE.finditer(capsys.readouterr().out)}
     assert parsed == {"bf16": (1.82, 2.22)}
     helper.print_decode_speeds({"transformers fp32": [2.0, 2.0], "lean fp32": [1.0, 1.0]}, "transformers fp32")
-    parsed = {m["name"]: (float(m["low"]), float(m["high"])) for m in LINE.finditer(capsys.readouterr().out)}
+    parsed = {m["name"]: speedup_range(m) for m in LINE.finditer(capsys.readouterr().out)}
     assert parsed == {"lean fp32": (2.0, 2.0)}
+    helper.print_decode_speeds({"fp32": [1.0, 1.0, 1.0], "slow": [2.0, 2.5, 2.2]}, "fp32")  # a slow-down's spread
+    parsed = {m["name"]: speedup_range(m) for m in LINE.finditer(capsys.readouterr().out)}
+    assert parsed == {"slow": (0.4, 0.5)}

@@ -75,19 +75,19 @@ def speedup(times: dict[str, list[float]], variant: str, baseline: str) -> tuple
 
 
 def speed_verdict(times: dict[str, list[float]], variant: str, baseline: str) -> str:
-    """'1.31x faster than fp32 (spread 1.25–1.40)', or 'about as fast as fp32' when rounds disagree.
+    """'1.31x faster than fp32 (spread 1.25–1.40)', '2.10x slower than fp32 (spread 1.90–2.30)', or
+    'about as fast as fp32 (spread 0.95–1.05)' when the rounds disagree on the direction.
 
-    The spread is the range of the per-round speed-ups. A direction is named only when every
-    round agrees on it; the format is what tests/nbval_sanitize.cfg blanks out.
+    The spread is the range of the rounds in the verdict's own unit: speed-ups for "faster" and
+    "about as fast", slow-downs (the reciprocals, smallest first) for "slower". A direction is named
+    only when every round agrees on it; the format is what tests/nbval_sanitize.cfg blanks out.
     """
     mid, low, high = speedup(times, variant, baseline)
     if low <= 1.0 <= high:
-        word = f"about as fast as {baseline}"
-    elif mid > 1:
-        word = f"{mid:.2f}x faster than {baseline}"
-    else:
-        word = f"{1 / mid:.2f}x slower than {baseline}"
-    return f"{word} (spread {low:.2f}–{high:.2f})"
+        return f"about as fast as {baseline} (spread {low:.2f}–{high:.2f})"
+    if mid > 1:
+        return f"{mid:.2f}x faster than {baseline} (spread {low:.2f}–{high:.2f})"
+    return f"{1 / mid:.2f}x slower than {baseline} (spread {1 / high:.2f}–{1 / low:.2f})"
 
 
 def format_rate(work: float, seconds: list[float], unit: str) -> str:
