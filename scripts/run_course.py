@@ -41,6 +41,7 @@ from nbconvert.preprocessors import ExecutePreprocessor
 from tqdm.auto import tqdm
 
 from quantcourse.core.memory import PEAK_SNIPPET
+from quantcourse.tooling import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 # The whole course on a 2-core laptop-class machine: `make course` in 5 minutes, no kernel above 3 GB.
@@ -154,6 +155,23 @@ def title_of(notebook: nbformat.NotebookNode, fallback: str) -> str:
     return fallback
 
 
+BOOTSTRAP_FOLDED = "# (Colab set-up: scripts/colab_snippet.py, which does nothing in the course's .venv; README)\n"
+
+
+def fold_bootstrap(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A copy whose setup cell shows one comment line instead of the Colab bootstrap snippet.
+
+    The site and the slides are read, not run: their first code is the lesson's own. The notebook
+    itself keeps the snippet (tests/test_course_colab.py checks it there).
+    """
+    snippet = load_script("scripts/colab_links.py").setup_snippet()
+    folded = copy.deepcopy(notebook)
+    for cell in folded.cells:
+        if cell.cell_type == "code" and snippet in cell.source:
+            cell.source = cell.source.replace(snippet, BOOTSTRAP_FOLDED, 1)
+    return folded
+
+
 def write_site(entries: list[dict], out: Path) -> Path:
     """Lesson pages (the course template: contents, previous/next, run time, machine) and index.html.
 
@@ -171,7 +189,7 @@ def write_site(entries: list[dict], out: Path) -> Path:
             "machine": e["machine"],
             "date": e["date"],
         }
-        body, _ = exporter.from_notebook_node(e["notebook"], resources={"course": course})
+        body, _ = exporter.from_notebook_node(fold_bootstrap(e["notebook"]), resources={"course": course})
         (out / links[i]["href"]).write_text(body)
     return write_index(entries, links, out)
 
@@ -290,7 +308,7 @@ def write_slides(paths: list[Path], out: Path) -> list[Path]:
     )
     written = []
     for path in paths:
-        body, _ = exporter.from_notebook_node(slide_cells(nbformat.read(path, as_version=4)))
+        body, _ = exporter.from_notebook_node(slide_cells(fold_bootstrap(nbformat.read(path, as_version=4))))
         body = body.replace("</head>", WRAP_LONG_LINES + "</head>", 1)
         written.append(out / f"{path.stem}.slides.html")
         written[-1].write_text(body)

@@ -135,3 +135,18 @@ def test_screenshots_render(built):
     for png in shots:
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png  # a real, non-blank image
+
+
+def test_site_and_slides_fold_the_bootstrap_into_one_line(built):
+    """The first code a reader of the site or the slides sees is the lesson's, not the Colab set-up."""
+    root, _ = built
+    run_course = helper.load_script("scripts/run_course.py")
+    for path in NOTEBOOKS:
+        assert "on_colab()" in nbformat.read(path, as_version=4).cells[2].source  # the notebook keeps it
+        for page in (root / "html" / f"{path.stem}.html", root / "slides" / f"{path.stem}.slides.html"):
+            text = page.read_text()
+            assert "on_colab" not in text and "QUANT_COURSE_SETUP" not in text, page.name
+            assert "scripts/colab_snippet.py" in text and "setup_notebook" in text, page.name
+    folded = run_course.fold_bootstrap(nbformat.read(NOTEBOOKS[0], as_version=4))
+    assert folded.cells[2].source.startswith("# NBVAL_IGNORE_OUTPUT\n# reason:")
+    assert run_course.BOOTSTRAP_FOLDED in folded.cells[2].source
