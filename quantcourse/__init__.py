@@ -31,20 +31,21 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
-class _NoBnbBf16KernelFinder(importlib.abc.MetaPathFinder):
-    """Keeps bitsandbytes off its AVX512-BF16 kernel when the tests force the CPU kernels down.
+class _ForcedKernelFinder(importlib.abc.MetaPathFinder):
+    """Keeps bitsandbytes and torchao on the kernels of a real AVX2 CPU when the tests force them down.
 
     `make test` runs every lesson twice: natively and with ATEN_CPU_CAPABILITY=avx2 (plus the
     oneDNN, MKL and FBGEMM switches, see the Makefile), to prove the lessons' claims on a CPU
-    without AVX-512. bitsandbytes asks the CPU itself (CPUID) whether it may use its fused
-    AVX512-BF16 4-bit kernel, so no environment variable reaches it: this import hook answers
-    "no" for it, before its CPU backend registers the kernel. On a real AVX2 CPU it changes nothing.
+    without AVX-512. Two libraries ask the CPU itself, so no environment variable reaches them:
+    - bitsandbytes (CPUID) whether it may use its fused AVX512-BF16 4-bit kernel;
+    - torchao's dynamic int8 matmul whether the CPU has AVX512-VNNI (and no AMX): then it shifts the
+      activations to uint8 for a u8s8 kernel, which oneDNN capped at AVX2 runs with 16-bit pair sums
+      that saturate (a path no real CPU takes: a real AVX2 CPU has no VNNI and takes s8s8).
+    This import hook answers "no" for both, as the modules load. On a real AVX2 CPU it changes nothing.
     """
 
-    TARGET = "bitsandbytes.backends.cpu.ops"
-
     def find_spec(self, name, path, target=None):
-        if name != self.TARGET:
+        if name not in ("bitsandbytes.backends.cpu.ops", "torchao.kernel.intmm"):
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -52,17 +53,23 @@ class _NoBnbBf16KernelFinder(importlib.abc.MetaPathFinder):
         run_module = spec.loader.exec_module
 
         def exec_module(module):
-            import bitsandbytes.functional
+            if name == "bitsandbytes.backends.cpu.ops":
+                import bitsandbytes.functional
 
-            bitsandbytes.functional.has_avx512bf16 = lambda: False
+                bitsandbytes.functional.has_avx512bf16 = lambda: False
             run_module(module)
+            if name == "torchao.kernel.intmm":
+                module._cpu_is_vnni_supported = lambda: False
+                module._cpu_is_amx_tile_supported = lambda: False
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() not in {"", "avx512"}:
-    sys.meta_path.insert(0, _NoBnbBf16KernelFinder())
+FORCED_DOWN = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() not in {"", "avx512"}
+"""True in the test pass that forces the CPU kernels below AVX-512 (see _ForcedKernelFinder)."""
+if FORCED_DOWN:
+    sys.meta_path.insert(0, _ForcedKernelFinder())
 
 # huggingface_hub reads this once, when it is first imported (transformers imports it)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
