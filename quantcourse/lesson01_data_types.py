@@ -13,7 +13,11 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def float_bits(value: float, dtype: torch.dtype) -> tuple[str, str, str]:
-    """Sign, exponent and mantissa bit strings of `value` rounded to the float `dtype`."""
+    """Sign, exponent and mantissa bit strings of `value` rounded to the float `dtype`.
+
+    The split is computed, not read off a bit pattern: the mantissa gets log2(1/eps) bits
+    (`torch.finfo(dtype).eps` = 2**-mantissa_bits), the exponent the bits left after the sign.
+    """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"float_bits expects a floating torch.dtype, got {dtype!r}")
     info = torch.finfo(dtype)

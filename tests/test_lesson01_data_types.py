@@ -28,6 +28,19 @@ def test_float_bits_agrees_with_the_raw_bf16_pattern():
         assert "".join(helper.float_bits(value, torch.bfloat16)) == format(raw & 0xFFFF, "016b")
 
 
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2],
+)
+def test_float_bits_split_matches_the_bias_in_the_pattern_of_one(dtype):
+    """1.0 stores its exponent as the bias 2**(e-1) - 1, i.e. a 0 then e-1 ones: the eps-based split must agree."""
+    sign, exponent, mantissa = helper.float_bits(1.0, dtype)
+    raw = "".join((sign, exponent, mantissa))
+    assert sign == "0" and set(mantissa) == {"0"}
+    assert exponent == "0" + "1" * (raw.count("1")), (dtype, raw)
+    assert len(raw) == torch.finfo(dtype).bits
+
+
 @pytest.mark.parametrize("dtype, n", [(torch.bfloat16, 256), (torch.float16, 2048), (torch.float32, 2**24)])
 def test_largest_exact_integer_is_the_last_before_a_gap(dtype, n):
     assert helper.largest_exact_integer(dtype) == n
