@@ -14,6 +14,11 @@ Usage:
     python benchmarks/compare_methods.py                       # all methods -> benchmarks/results/
     python benchmarks/compare_methods.py --methods fp32 bf16 quanto-int8 --out /tmp/bench
     python benchmarks/compare_methods.py --tiny --out /tmp/bench  # tiny random model (tests)
+    python benchmarks/compare_methods.py --update --methods awq-int4-g128  # re-measure one row in place
+
+--update re-measures only the named methods (fp32 is not added) and replaces their rows in the files
+already in --out (the CSV, the markdown table, the per-token NLLs), keeping every other row as it is;
+the CSV's first line then also says which rows were re-measured, on which date and machine.
 
 The fast-* rows run helper.FastDecoder (Lesson 10), a lean decoder with a static KV cache, on
 PyTorch's weight-only int8/int4 CPU kernels with bf16 activations; their lm_head is int8. The
@@ -161,7 +166,8 @@ def _llm_int8(folder: Path) -> nn.Module:
 
 
 def _int4(method: str, group_size: int | None) -> Callable[[Path], nn.Module]:
-    """4-bit codes in helper.GroupQuantLinear (Lesson 9); GPTQ and AWQ calibrate on calibration_text."""
+    """4-bit codes in helper.GroupQuantLinear (Lesson 9); GPTQ and AWQ calibrate on calibration_text (GPTQ on
+    all of it, AWQ on its first 512-token row: quantize_llama_4bit's awq_tokens)."""
 
     def load(folder: Path) -> nn.Module:
         ids = _calibration(folder, INT4_CALIBRATION_TOKENS) if method in ("gptq", "awq") else None
@@ -239,7 +245,7 @@ METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
     "llm-int8-scratch": ("course helper LLMInt8Linear (threshold 6)", _llm_int8),
     "rtn-int4-g128": ("course helper GroupQuantLinear, round-to-nearest", _int4("rtn", 128)),
     "gptq-int4-g128": ("course helper GroupQuantLinear, GPTQ", _int4("gptq", 128)),
-    "awq-int4-g128": ("course helper GroupQuantLinear, AWQ scales + RTN", _int4("awq", 128)),
+    "awq-int4-g128": ("course helper GroupQuantLinear, AWQ scales and clipping + RTN", _int4("awq", 128)),
     "nf4-g128": ("course helper GroupQuantLinear, NF4 levels", _int4("nf4", 128)),
     "rtn-int4-channel": ("course helper GroupQuantLinear, RTN per channel", _int4("rtn", None)),
     "gptq-int4-channel": ("course helper GroupQuantLinear, GPTQ per channel", _int4("gptq", None)),
@@ -426,13 +432,29 @@ def simd_flags() -> str:
     return "+".join(found) if found else "no AVX2/AVX-512/AMX"
 
 
+def machine_description() -> str:
+    """The CPU, its vector extensions, the torch kernels, the cores and torch's version, in one phrase."""
+    return (
+        f"{cpu_model()} ({simd_flags()}; torch kernels {helper.cpu_capability()}), "
+        f"{os.cpu_count()} cores, torch {torch.__version__}"
+    )
+
+
 def machine_line(model_name: str, load_avg: float) -> str:
     """One line saying what was measured, where, when, and how to regenerate it."""
     today = dt.datetime.now(dt.timezone.utc).date().isoformat()
     return (
-        f"{model_name} on {cpu_model()} ({simd_flags()}; torch kernels {helper.cpu_capability()}), "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{model_name} on {machine_description()}, "
         f"{today}, 1-min load average {load_avg:.1f} at start; regenerate: {REGENERATE}"
+    )
+
+
+def update_note(methods: list[str], load_avg: float) -> str:
+    """What --update appends to the first line: which rows were re-measured, when, and where."""
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    return (
+        f"rows {', '.join(methods)} re-measured on {today} with --update: {machine_description()}, "
+        f"1-min load average {load_avg:.1f} at start"
     )
 
 
@@ -449,6 +471,11 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _csv_cells(row: dict) -> dict:
+    """A row as the CSV writes it: floats rounded to 4 decimals (strings, as read back, are kept as they are)."""
+    return {k: (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in COLUMNS}
+
+
 def write_csv(rows: list[dict], header: str, path: Path) -> None:
     """CSV with a first comment line (# machine ...) then one row per method."""
     with open(path, "w", newline="") as handle:
@@ -456,7 +483,7 @@ def write_csv(rows: list[dict], header: str, path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in COLUMNS})
+            writer.writerow(_csv_cells(row))
 
 
 def write_nll(rows: list[dict], path: Path) -> None:
@@ -464,6 +491,62 @@ def write_nll(rows: list[dict], path: Path) -> None:
     import numpy as np
 
     np.savez_compressed(path, **{r["method"]: np.asarray(r["nll"], dtype=np.float32) for r in rows})
+
+
+def read_committed(out: Path) -> tuple[str, list[dict], list[str], dict]:
+    """What --update starts from in `out`: (the first line without '# ', the CSV rows as strings, the
+    markdown lines, {method: per-token NLLs}). Raises RuntimeError when a file is missing."""
+    import numpy as np
+
+    paths = [out / CSV_NAME, out / MD_NAME, out / NLL_NAME]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise RuntimeError(f"--update needs the results of an earlier run; missing: {', '.join(missing)}")
+    lines = paths[0].read_text().splitlines()
+    if not lines or not lines[0].startswith("# "):
+        raise RuntimeError(f"{paths[0]} does not start with the '# ...' line naming the machine")
+    rows = list(csv.DictReader(lines[1:]))
+    with np.load(paths[2], allow_pickle=False) as data:
+        nll = {name: data[name] for name in data.files}
+    return lines[0][2:], rows, paths[1].read_text().splitlines(), nll
+
+
+def merge_results(out: Path, new_rows: list[dict], note: str) -> None:
+    """Replace (or append) the rows of `new_rows` in the CSV, markdown table and NLLs in `out`, keep
+    every other row as written, and append `note` to the first line of the CSV and the markdown."""
+    import numpy as np
+
+    header, old_rows, md_lines, nll = read_committed(out)
+    new = {r["method"]: r for r in new_rows}
+    fp32 = new.get("fp32") or next((r for r in old_rows if r["method"] == "fp32"), None)
+    for row in new_rows:  # the ratio against the fp32 row, re-measured or kept
+        row["ratio_to_fp32"] = row["bytes"] / int(fp32["bytes"]) if fp32 else math.nan
+    old_methods = [r["method"] for r in old_rows]
+    rows = [new.get(r["method"], r) for r in old_rows] + [r for m, r in new.items() if m not in old_methods]
+    header = f"{header}; {note}"
+    write_csv(rows, header, out / CSV_NAME)
+    table = [i for i, line in enumerate(md_lines) if line.startswith("| ") and not line.startswith("| method |")]
+    if not md_lines or not md_lines[0].startswith("Measured: ") or not table:
+        raise RuntimeError(f"{out / MD_NAME} is not a table written by this script")
+    md_lines[0] = f"Measured: {header}"
+    for i in table:
+        method = md_lines[i].split("|")[1].strip()
+        if method in new:
+            md_lines[i] = markdown_row(new[method])
+    md_lines[table[-1] + 1 : table[-1] + 1] = [markdown_row(r) for m, r in new.items() if m not in old_methods]
+    (out / MD_NAME).write_text("\n".join(md_lines) + "\n")
+    nll.update({m: np.asarray(r["nll"], dtype=np.float32) for m, r in new.items()})
+    np.savez_compressed(out / NLL_NAME, **nll)
+
+
+def markdown_row(r: dict) -> str:
+    """One method's line of the markdown table."""
+    return (
+        f"| {r['method']} | {r['library']} | {r['bytes'] / 1e6:.1f} | {r['ratio_to_fp32']:.3f} "
+        f"| {r['perplexity']:.2f} ± {r['perplexity_se']:.2f} | {r['decode_tokens_per_s']:.1f} "
+        f"| {r['decode_speedup']:.2f} ({r['decode_speedup_low']:.2f}–{r['decode_speedup_high']:.2f}) "
+        f"| {r['load_quantize_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+    )
 
 
 def write_markdown(rows: list[dict], header: str, path: Path) -> None:
@@ -476,13 +559,7 @@ def write_markdown(rows: list[dict], header: str, path: Path) -> None:
         "| load+quantize s | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['library']} | {r['bytes'] / 1e6:.1f} | {r['ratio_to_fp32']:.3f} "
-            f"| {r['perplexity']:.2f} ± {r['perplexity_se']:.2f} | {r['decode_tokens_per_s']:.1f} "
-            f"| {r['decode_speedup']:.2f} ({r['decode_speedup_low']:.2f}–{r['decode_speedup_high']:.2f}) "
-            f"| {r['load_quantize_s']:.1f} | {r['peak_rss_mb']:.0f} |"
-        )
+    lines += [markdown_row(r) for r in rows]
     lines += [
         "",
         "Bytes held are counted by helper.model_size (integer data plus scales); "
@@ -516,6 +593,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed decode rounds after one warm-up")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the CSV and markdown")
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2 (fast; tests)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="re-measure only --methods (fp32 is not added) and replace their rows in the files in --out, "
+        "keeping every other row; the first line says which rows were re-measured when",
+    )
     parser.add_argument("--method", choices=list(METHODS), help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -523,6 +606,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--ppl-tokens must be a positive multiple of --window (>= 2)")
     if args.new_tokens < 1 or args.repeats < 1:
         parser.error("--new-tokens and --repeats must be >= 1")
+    if args.update and args.methods == list(METHODS):
+        parser.error("--update re-measures the methods named by --methods: name them")
     return args
 
 
@@ -535,16 +620,33 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    methods = ["fp32"] + [m for m in dict.fromkeys(args.methods) if m != "fp32"]
+    methods = list(dict.fromkeys(args.methods))
+    if not args.update:  # fp32 first: the ratios' baseline
+        methods = ["fp32"] + [m for m in methods if m != "fp32"]
     if args.tiny:  # the GGUF file's rows need the real model
         methods = [m for m in methods if m not in ("gguf-q4_1-file", LLAMA_CPP)]
     if LLAMA_CPP in methods and not helper.llama_cpp_installed() and args.methods == list(METHODS):
         methods.remove(LLAMA_CPP)  # optional: the default run skips it; asking for it by name fails clearly
         print(f"skipping {LLAMA_CPP}: {helper.LLAMA_CPP_MISSING}", file=sys.stderr)
+    name = "tiny random Llama (tests)" if args.tiny else "SmolLM2-135M-Instruct"
+    if args.update:  # check the files to update before measuring anything
+        try:
+            header, _, _, nll = read_committed(args.out)
+        except RuntimeError as error:
+            print(error, file=sys.stderr)
+            return 2
+        lengths = {len(v) for v in nll.values()}
+        if not header.startswith(f"{name} on ") or lengths != {args.ppl_tokens}:
+            held = f"'{header.split(' on ')[0]}' scored on {sorted(lengths)} tokens"
+            print(
+                f"--update: {args.out / CSV_NAME} holds {held}; this run would measure {name} on "
+                f"{args.ppl_tokens} tokens: the rows would not compare",
+                file=sys.stderr,
+            )
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tiny-llama-") as tmp:
         folder = build_tiny_model(Path(tmp)) if args.tiny else helper.smollm2_dir()
-        name = "tiny random Llama (tests)" if args.tiny else "SmolLM2-135M-Instruct"
         rows, failed = [], []
         load_avg = os.getloadavg()[0]  # other processes slow every timing down: say how busy it was
         start = time.perf_counter()
@@ -556,11 +658,15 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as error:
                 failed.append(method)
                 tqdm.write(str(error), file=sys.stderr)
-    header = machine_line(name, load_avg)
-    add_ratios(rows)  # written even when a method failed: the others' results stay usable
-    write_csv(rows, header, args.out / CSV_NAME)
-    write_markdown(rows, header, args.out / MD_NAME)
-    write_nll(rows, args.out / NLL_NAME)
+    if args.update:  # only the rows measured now are replaced; a failed method keeps its old row
+        if rows:
+            merge_results(args.out, rows, update_note([r["method"] for r in rows], load_avg))
+    else:
+        header = machine_line(name, load_avg)
+        add_ratios(rows)  # written even when a method failed: the others' results stay usable
+        write_csv(rows, header, args.out / CSV_NAME)
+        write_markdown(rows, header, args.out / MD_NAME)
+        write_nll(rows, args.out / NLL_NAME)
     print(f"{len(rows)} methods in {time.perf_counter() - start:.0f} s -> {args.out / CSV_NAME}")
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

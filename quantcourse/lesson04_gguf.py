@@ -206,8 +206,11 @@ def blockwise_nf4_rtn(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
     """NF4 as bitsandbytes computes it, for any block size, returned dequantized: per run of
     `group_size` consecutive weights, absmax scaling, then the nearest of bitsandbytes' 16 NF4 levels.
 
-    Equal to bitsandbytes' quantize_4bit + dequantize_4bit where those are right (blocks of 32 and
-    64; Lesson 4 shows that bitsandbytes 0.50.2's CPU dequantize_4bit is wrong at blocks of 128).
+    Equal to bitsandbytes' quantize_4bit + dequantize_4bit where those are right. bitsandbytes
+    0.50.2's CPU dequantize_4bit is wrong on AVX-512F CPUs when the block size does not divide the
+    row length (its vectorized C path looks up the scales row by row, 576 / 128 truncated to 4
+    blocks, while quantize_4bit blocked the flattened tensor); its scalar path (no AVX-512F) is
+    right, and so is every block size that divides the rows (64 for SmolLM2; Lesson 4, section 4.1).
     The rounding is `absmax_level_codes`, which Lesson 9's nf4_quantize shares; the two differ in
     their groups only: runs of the flattened weight here (a run may span two rows), runs of
     a row there (the last one shorter), so they agree where group_size divides the row.

@@ -8,8 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantcourse.core.surgery import run_with_input_hooks
-from quantcourse.lesson03_linear_quantization_from_scratch import _check_float, _quantize_per_channel
+from quantcourse.core.surgery import replace_linears, run_with_input_hooks
+from quantcourse.lesson03_linear_quantization_from_scratch import (
+    _check_float,
+    _linear_quantize,
+    _quantize_per_channel,
+)
 
 __all__ = [
     "linear_inputs",
@@ -19,11 +23,13 @@ __all__ = [
     "w8a8_linear",
     "W8A8_ACTIVATIONS",
     "W8A8Linear",
+    "w8a8_model",
     "llm_int8_matmul",
     "LLMInt8Linear",
     "llama_input_groups",
     "fold_input_scale",
     "smoothing_factors",
+    "smoothing_scales",
     "smooth_llama",
 ]
 
@@ -121,14 +127,18 @@ def w8a8_linear(
     return y.reshape(*x.shape[:-1], qw.shape[0]).to(x.dtype)
 
 
-W8A8_ACTIVATIONS = ("per_token", "per_tensor")
+W8A8_ACTIVATIONS = ("per_token", "per_tensor", "static")
 
 
 class W8A8Linear(nn.Module):
-    """W8A8: int8 weights (per output channel) and int8 activations (symmetric, dynamic).
+    """W8A8: int8 weights (per output channel) and int8 activations (symmetric).
 
-    Activations get one scale per token ("per_token") or one for the whole input ("per_tensor",
-    what torch.ao's quantize_dynamic does, and what a static int8 kernel needs).
+    Activations get one scale per token ("per_token", computed from each call's input: dynamic),
+    one for the whole input of each call ("per_tensor", dynamic too: the scale still comes from
+    the input itself), or one fixed in advance ("static": max |x| of this layer's input on
+    calibration text / 127, what a static int8 kernel uses; values beyond it are clipped to
+    +-127). torch.ao's quantize_dynamic is different again: 7-bit asymmetric activations per
+    tensor and one weight scale per tensor (Lesson 6).
 
     `forward` multiplies the integers in fp32 (as bitsandbytes' portable CPU path does):
     products of two int8 are exact in fp32, and so are their sums while they stay below
@@ -144,18 +154,34 @@ class W8A8Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features, 1))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("input_scale", torch.ones(()) if activations == "static" else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, activations: str = "per_token") -> W8A8Linear:
+    def from_linear(
+        cls, linear: nn.Linear, activations: str = "per_token", input_absmax: float | torch.Tensor | None = None
+    ) -> W8A8Linear:
+        """Quantize `linear`'s weight; "static" needs `input_absmax`, the largest |input| seen on
+        calibration text (a number, or the per-channel maxima of helper.activation_absmax)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if (activations == "static") != (input_absmax is not None):
+            raise ValueError('input_absmax is needed for activations="static", and only for it')
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, activations)
         layer.qweight, layer.scale = quantize_rows_absmax(linear.weight.detach().float())
         if linear.bias is not None:
             layer.bias = linear.bias.detach().float().clone()
+        if input_absmax is not None:
+            absmax = torch.as_tensor(input_absmax, dtype=torch.float32).max()
+            if not (torch.isfinite(absmax) and absmax > 0):
+                raise ValueError(f"input_absmax must be finite and positive, got {absmax.item()}")
+            layer.input_scale = absmax / 127
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        if self.activations == "per_tensor":
+        if self.activations == "static":  # the calibrated scale; values beyond its range clip to +-127
+            qx, s_x = _linear_quantize(x2, self.input_scale, None, 8).clamp_(min=-127), self.input_scale
+        elif self.activations == "per_tensor":
             qx, s_x = quantize_rows_absmax(x2.reshape(1, -1))
             qx = qx.reshape(x2.shape)
         else:
@@ -166,15 +192,37 @@ class W8A8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def llm_int8_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
-    """LLM.int8() as bitsandbytes 0.50 computes it: y = x @ W.T, with W ~ cb * scb / 127 (int8 rows).
+def w8a8_model(
+    model: nn.Module, activations: str = "per_token", input_absmax: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """Swap every nn.Linear but lm_head for a W8A8Linear, in place; returns the model.
+
+    "static" needs `input_absmax`: linear name -> the max |input| per channel on calibration
+    text (helper.activation_absmax); each layer's one fixed scale is its largest entry / 127.
+    """
+    if (activations == "static") != (input_absmax is not None):
+        raise ValueError('input_absmax is needed for activations="static", and only for it')
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def make(linear: nn.Linear) -> W8A8Linear:
+        absmax = None if input_absmax is None else input_absmax[names[id(linear)]]
+        return W8A8Linear.from_linear(linear, activations, absmax)
+
+    return replace_linears(model, make)
+
+
+def llm_int8_matmul(
+    x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float = 6.0, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LLM.int8() as bitsandbytes 0.50 computes it: y = x @ W.T (+ bias), with W ~ cb * scb / 127 (int8 rows).
 
     1. x is cast to fp16; every column (input feature) holding a value with |x| >= threshold is
-       an outlier column.
+       an outlier column. (Only this detection and the int8 quantization use fp16.)
     2. The other columns are quantized per token (absmax over the non-outlier values) to int8,
-       multiplied with cb in int32, and rescaled by row_scale * scb / 127**2.
-    3. The outlier columns are multiplied in x's own precision with the same columns of the
-       dequantized weight, and added. threshold = 0 turns the decomposition off (all int8).
+       multiplied with cb in int32, and rescaled in fp32 by row_scale * scb / 127**2; `bias` is
+       added to that fp32 result, which is then cast to x's dtype (bitsandbytes' order).
+    3. The outlier columns are multiplied in x's own dtype (fp32 for fp32 input) with the same
+       columns of the dequantized weight, and added. threshold = 0 turns the decomposition off.
     """
     if cb.dtype != torch.int8 or cb.dim() != 2:
         raise TypeError("llm_int8_matmul expects cb as a 2-D int8 tensor (out, in)")
@@ -193,6 +241,8 @@ def llm_int8_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, thresh
         qa[:, outlier_cols] = 0
     acc = int8_matmul(qa, cb)  # (tokens, out) int32
     y = acc * (row_stats.unsqueeze(-1) * scb.float().reshape(1, -1)) * 6.200124e-05  # 6.200124e-05 = 1/127**2
+    if bias is not None:
+        y = y + bias.float()
     y = y.to(x.dtype)
     if outlier_cols.numel():
         w_cols = (cb[:, outlier_cols].float() * (scb.float().reshape(-1, 1) / 127)).to(x.dtype)  # (out, n_outliers)
@@ -201,10 +251,19 @@ def llm_int8_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, thresh
 
 
 class LLMInt8Linear(nn.Module):
-    """A linear layer that runs `llm_int8_matmul` (int8 weights per output channel, outliers in fp)."""
+    """A linear layer that runs `llm_int8_matmul` (int8 weights per output channel, outliers in x's dtype).
+
+    The output has x's dtype, as bitsandbytes' Linear8bitLt's. The bias is kept in fp32. With
+    fp16/bf16 input it joins the fp32 int8 part before that part is cast (bitsandbytes' order:
+    the result equals bitsandbytes' bit for bit). With fp32 input it is added last, after the
+    outlier columns; bitsandbytes adds it before them, and the two orders differ by fp32 rounding
+    (with the 1-ulp difference of the outlier weights: within 1e-7 relative).
+    """
 
     def __init__(self, linear: nn.Linear, threshold: float = 6.0):
         super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LLMInt8Linear expects an nn.Linear, got {type(linear).__name__}")
         self.in_features, self.out_features, self.threshold = linear.in_features, linear.out_features, threshold
         w16 = linear.weight.detach().to(torch.float16)
         scb = w16.abs().amax(dim=1).float()  # (out,) as bitsandbytes computes it, from fp16
@@ -213,6 +272,8 @@ class LLMInt8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None and x.dtype != torch.float32:
+            return llm_int8_matmul(x, self.cb, self.scb, self.threshold, bias=self.bias)
         y = llm_int8_matmul(x, self.cb, self.scb, self.threshold)
         return y if self.bias is None else y + self.bias
 
@@ -222,8 +283,10 @@ def llama_input_groups(model: nn.Module) -> list[tuple[list[str], nn.Module | No
     can be folded: (names, source module, "norm" | "rows"), or (names, None, None) for o_proj.
 
     - input_layernorm -> q_proj, k_proj, v_proj (divide the RMSNorm weight by s);
-    - v_proj ... -> o_proj: no fold (through grouped-query attention one v channel feeds several
-      heads; AWQ's code skips this pair for GQA models too);
+    - v_proj ... -> o_proj: not folded here. A factor per v_proj output channel could be folded,
+      but through grouped-query attention it would be shared by the query heads of its group, so
+      o_proj's input channels cannot get independent factors; SmoothQuant's code skips o_proj
+      for every model, AWQ's skips this pair for GQA models;
     - post_attention_layernorm -> gate_proj, up_proj (the RMSNorm weight);
     - up_proj -> down_proj (down's input is act(gate) * up: divide up's output rows by s).
     """
@@ -269,18 +332,39 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
 
 
-def smooth_llama(model: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float = 0.5) -> nn.Module:
-    """SmoothQuant on a Llama model in place: one factor per group of llama_input_groups, folded.
+def smoothing_scales(
+    model: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float = 0.5, down_proj: bool = True
+) -> dict[str, torch.Tensor]:
+    """SmoothQuant's factor s of every smoothed linear of a Llama model: linear name -> s (in_features,).
 
-    `act_absmax` maps linear names to the max |input| per channel on calibration text
-    (helper.activation_absmax). The linears of a group share one input, so they share s, computed
-    from the largest |weight| of each column over the group.
+    The linears of a group of llama_input_groups share one input, so they share s, computed from
+    the largest |weight| of each column over the group. Smoothed: input_layernorm -> q, k, v and
+    post_attention_layernorm -> gate, up (mit-han-lab's smooth_lm for Llama), and with
+    `down_proj` also up_proj -> down_proj (the course's addition; AWQ scales this pair).
+    After smooth_llama the input of linear n is x / s[n]: its channel maxima are act_absmax[n] / s[n].
     """
     modules = dict(model.named_modules())
+    scales = {}
     for names, source, how in llama_input_groups(model):
-        if source is None:  # o_proj: no exact fold (see llama_input_groups)
+        if source is None or (how == "rows" and not down_proj):  # o_proj: see llama_input_groups
             continue
         w_absmax = torch.stack([modules[n].weight.detach().abs().amax(dim=0).float() for n in names]).amax(dim=0)
         s = smoothing_factors(act_absmax[names[0]], w_absmax, alpha)
-        fold_input_scale(model, source, how, names, s)
+        scales.update(dict.fromkeys(names, s))
+    return scales
+
+
+def smooth_llama(
+    model: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float = 0.5, down_proj: bool = True
+) -> nn.Module:
+    """SmoothQuant on a Llama model in place: the factors of smoothing_scales, folded; returns the model.
+
+    `act_absmax` maps linear names to the max |input| per channel on calibration text
+    (helper.activation_absmax). down_proj=False smooths only the two RMSNorm groups, as
+    mit-han-lab's smooth_lm does; the default also folds up_proj -> down_proj.
+    """
+    scales = smoothing_scales(model, act_absmax, alpha, down_proj)
+    for names, source, how in llama_input_groups(model):
+        if names[0] in scales:
+            fold_input_scale(model, source, how, names, scales[names[0]])
     return model

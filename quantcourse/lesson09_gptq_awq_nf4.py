@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from quantcourse.core.surgery import replace_linears, run_with_input_hooks
+from quantcourse.core.surgery import _StopForward, replace_linears, run_with_input_hooks
 from quantcourse.core.timing import one_thread
 from quantcourse.lesson03_linear_quantization_from_scratch import _check_float, pack_weights, unpack_weights
 from quantcourse.lesson04_gguf import absmax_level_codes
-from quantcourse.lesson08_outliers_and_w8a8 import fold_input_scale, linear_inputs, llama_input_groups
+from quantcourse.lesson08_outliers_and_w8a8 import fold_input_scale, llama_input_groups
 
 __all__ = [
     "GroupQuant",
@@ -23,6 +24,11 @@ __all__ = [
     "input_hessian",
     "gptq_quantize",
     "awq_search_scale",
+    "awq_search_clip",
+    "decoder_layer_inputs",
+    "LlamaLayerInputs",
+    "llama_layer_inputs",
+    "awq_layer",
     "nf4_levels",
     "nf4_quantize",
     "GroupQuantLinear",
@@ -208,33 +214,242 @@ def _gptq_columns(W, U, codes, scales, zeros, bits: int, g: int, block_size: int
         W[:, b1:] -= E1 @ U[b0:b1, b1:]  # the lazy update of every later column
 
 
-def awq_search_scale(
-    weights: list[torch.Tensor], x: torch.Tensor, bits: int = 4, group_size: int | None = 128, grid: int = 20
-) -> tuple[torch.Tensor, float, dict[float, float]]:
-    """AWQ (Lin et al., 2023): a per-input-channel scale s = mean|x|**alpha, alpha searched on a grid.
+def _rtn_dequantized(w: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """rtn_quantize(w, bits, group_size).dequantize(), bit for bit (tested), without building a GroupQuant:
+    the same grid and arithmetic on all whole groups at once (AWQ's searches call it hundreds of times)."""
+    g = _group_size(w, group_size)
+    w = w.detach().float()
+    out, cols = w.shape
+    whole = cols - cols % g
+    parts = [w[:, :whole].reshape(-1, g)] + ([w[:, whole:]] if whole < cols else [])  # (out * groups, g), ragged end
+    deq = []
+    for part in parts:
+        scale, zero = minmax_params(part, bits)
+        # (quantize_codes - zero) * scale in fewer passes: the integers clamped to [-zero, qmax - zero] are exact
+        codes = torch.div(part, scale).round_().clamp_(-zero, 2**bits - 1 - zero)
+        deq.append(codes.mul_(scale).reshape(out, -1))
+    return torch.cat(deq, 1) if len(deq) > 1 else deq[0]
 
-    Column j of every weight in `weights` (linears that share the input x (rows, in)) is multiplied
-    by s_j before round-to-nearest, and the input divided by s_j (folded into the layer before, as
-    SmoothQuant's factor is): channels that carry large inputs get finer steps. Each alpha in
-    0, 1/grid, ..., (grid-1)/grid is scored by the group's output error on x; alpha = 0 is plain RTN.
-    Returns (best s, its alpha, {alpha: error}). s is normalised as AWQ's code does it.
+
+def _first_output(out):  # attention modules return (output, weights)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def awq_search_scale(
+    block,
+    linears: list[nn.Linear],
+    x: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    grid: int = 20,
+    kwargs: dict | None = None,
+) -> tuple[torch.Tensor, float, dict[float, float]]:
+    """AWQ's scale search (Lin et al., 2024; llm-awq's auto_scale.py): s = mean|x|**alpha, alpha on a grid.
+
+    `linears` read the same input x (..., in). For each alpha in 0, 1/grid, ..., (grid-1)/grid,
+    s = mean|x|**alpha (per input channel, clamped to >= 1e-4, divided by sqrt(max s * min s)),
+    every weight is replaced by RTN(W diag(s)) diag(1/s) (the course's grid, rtn_quantize), and
+    the loss is the mean squared change of the output of `block`, the module (or any callable)
+    that holds the linears, called as block(x, **kwargs): for q/k/v_proj the whole attention
+    (kwargs: its position embeddings and attention mask), for gate/up_proj the whole MLP, so an
+    error counts as much as it changes what the block passes on. block=None scores each linear's
+    own output (summed over `linears`): llm-awq's loss for a linear alone (down_proj), and for a
+    group the simpler loss this lesson used before. alpha = 0 is plain RTN. The weights are
+    restored afterwards; nothing is folded here (fold_input_scale does that).
+    Returns (best s, its alpha, {alpha: loss}); the first alpha of smallest loss wins.
     """
-    x = x.float()
-    x_mean = x.abs().mean(dim=0)  # (in,)
-    reference = [x @ w.float().T for w in weights]
+    if not linears or not all(isinstance(m, nn.Linear) for m in linears):
+        raise TypeError("awq_search_scale: `linears` must be a non-empty list of nn.Linear modules (in `block`)")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    kwargs = kwargs or {}
+
+    def outputs() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [_first_output(block(x, **kwargs))] if block is not None else [lin(x) for lin in linears]
+
+    x_mean = x.detach().abs().reshape(-1, x.shape[-1]).float().mean(0)  # (in,)
+    originals = [lin.weight.data for lin in linears]
+    reference = outputs()
     errors: dict[float, float] = {}
-    best_s, best_alpha = torch.ones_like(x_mean), 0.0
-    for k in range(grid):
-        alpha = k / grid
-        s = x_mean.pow(alpha).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        errors[alpha] = sum(
-            ((x @ (rtn_quantize(w.float() * s, bits, group_size).dequantize() / s).T - ref) ** 2).mean().item()
-            for w, ref in zip(weights, reference)
-        )
-        if errors[alpha] < errors[best_alpha]:
-            best_s, best_alpha = s, alpha
+    best_s, best_alpha = None, None
+    try:
+        for k in range(grid):
+            alpha = k / grid
+            s = x_mean.pow(alpha).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            for lin, w in zip(linears, originals):
+                lin.weight.data = (_rtn_dequantized(w.float() * s, bits, group_size) / s).to(w.dtype)
+            errors[alpha] = sum((ref - out).float().pow(2).mean().item() for ref, out in zip(reference, outputs()))
+            if best_alpha is None or errors[alpha] < errors[best_alpha]:
+                best_s, best_alpha = s, alpha
+    finally:
+        for lin, w in zip(linears, originals):
+            lin.weight.data = w
     return best_s, best_alpha, errors
+
+
+def awq_search_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+    n_tokens: int = 512,
+) -> torch.Tensor:
+    """AWQ's clipping search (llm-awq's auto_clip.py): the best max |weight| of every group, (out, groups).
+
+    For each output channel and group of `group_size` columns, the candidates are
+    max|w| * (1 - i/grid) for i = 0 .. max_shrink*grid - 1 (1 down to 0.55 by default); the group is
+    clamped to +-that value, RTN-quantized on the course's grid, and scored by the mean squared
+    error of its partial output (x_group @ w_group.T) on every (len(x) // n_tokens)-th row of x,
+    llm-awq's sample of n_tokens tokens (all rows when there are fewer). The error of a weight
+    change d is computed as d (XᵀX / n) dᵀ, the same number llm-awq takes from the outputs, for
+    less work. Clipping trades a larger error on the few largest weights for finer steps for all
+    the others. x: the linear's input, (..., in), already divided by any AWQ scale folded into w.
+    The first candidate of smallest error wins (i = 0: no clipping).
+    """
+    _check_float(w, "awq_search_clip")
+    g = _group_size(w, group_size)
+    w = w.detach().float()
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    x = x[:: max(1, x.shape[0] // n_tokens)]
+    factors = torch.tensor([1 - i / grid for i in range(int(max_shrink * grid))])  # (candidates,) as llm-awq's
+    best = []
+    for start in range(0, w.shape[1], g):
+        w_g, x_g = w[:, start : start + g].contiguous(), x[:, start : start + g].contiguous()
+        top = w_g.abs().amax(dim=1)  # (out,)
+        max_val = (top * factors[:, None]).unsqueeze(-1)  # (candidates, out, 1): all candidates at once
+        q = _rtn_dequantized(torch.clamp(w_g, -max_val, max_val).reshape(-1, w_g.shape[1]), bits, None)
+        d = q - w_g.repeat(len(factors), 1)  # (candidates * out, g): each candidate's weight change
+        err = ((d @ (x_g.T @ x_g)) * d).sum(dim=1).div_(x_g.shape[0]).view(len(factors), -1)  # (candidates, out)
+        pick = err.argmin(dim=0)  # (out,): the first candidate of smallest error
+        best.append(max_val[pick, torch.arange(len(top)), 0])
+    return torch.stack(best, 1)
+
+
+def _clamp_groups(w: torch.Tensor, max_val: torch.Tensor, group_size: int | None) -> None:
+    """Clamp each group of w (out, in), in place, to +-its entry of max_val (out, groups)."""
+    g = _group_size(w, group_size)
+    with torch.no_grad():
+        for j, start in enumerate(range(0, w.shape[1], g)):
+            limit = max_val[:, j : j + 1].to(w.dtype)
+            w[:, start : start + g].clamp_(-limit, limit)
+
+
+def decoder_layer_inputs(model: nn.Module, ids: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, dict]:
+    """(hidden states (batch, tokens, hidden), kwargs) entering decoder layer `index` of a Llama model.
+
+    The float model reads all rows of `ids` (batch, tokens) in one batch, without a KV cache; the
+    pass stops at that layer. kwargs are what the model hands every layer: the rotary position
+    embeddings, the causal attention mask (None where the attention kernel applies it itself),
+    the position ids.
+    """
+    caught: dict = {}
+
+    def pre(module, args, kwargs):
+        caught["x"] = args[0] if args else kwargs["hidden_states"]
+        caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = model.model.layers[index].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    return caught["x"], caught["kwargs"]
+
+
+class LlamaLayerInputs(NamedTuple):
+    """What AWQ's searches read in one Llama decoder layer (each (batch, tokens, features), fp as the model)."""
+
+    attn: torch.Tensor  # self_attn's input: input_layernorm's output, read by q/k/v_proj
+    attn_kwargs: dict  # the keyword arguments self_attn was called with (position embeddings, mask)
+    o_proj: torch.Tensor  # o_proj's input: the attention heads' outputs
+    mlp: torch.Tensor  # the MLP's input: post_attention_layernorm's output, read by gate/up_proj
+    down_proj: torch.Tensor  # down_proj's input: act(gate) * up
+
+
+def llama_layer_inputs(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict):
+    """Run one Llama decoder layer on its input; returns (its output, LlamaLayerInputs).
+
+    The output is the next layer's input (run_awq's `inps = layer(inps, **layer_kwargs)`), taken
+    before anything in this layer is scaled or clipped: every layer is calibrated on what the
+    float model's previous layers produce.
+    """
+    seen: dict = {}
+
+    def keep(name):
+        def pre(module, args, kw):
+            seen[name] = args[0] if args else kw["hidden_states"]
+            if name == "attn":
+                seen["attn_kwargs"] = {k: v for k, v in kw.items() if k != "hidden_states"}
+
+        return pre
+
+    attn, mlp = layer.self_attn, layer.mlp
+    parts = {"attn": attn, "o_proj": attn.o_proj, "mlp": mlp, "down_proj": mlp.down_proj}
+    handles = [m.register_forward_pre_hook(keep(n), with_kwargs=True) for n, m in parts.items()]
+    try:
+        with torch.no_grad():
+            out = _first_output(layer(hidden_states, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, LlamaLayerInputs(seen["attn"], seen["attn_kwargs"], seen["o_proj"], seen["mlp"], seen["down_proj"])
+
+
+def awq_layer(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    kwargs: dict,
+    bits: int = 4,
+    group_size: int | None = 128,
+    clip_tokens: int = 512,
+) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """AWQ on one Llama decoder layer, in place: llm-awq's auto_scale_block, apply_scale, auto_clip_block, apply_clip.
+
+    1. Scales (awq_search_scale), each folded at once (fold_input_scale; the float layer computes
+       the same function): q/k/v_proj scored on self_attn's output, folded into input_layernorm;
+       o_proj on its own output, folded into v_proj's rows, only where v_proj and o_proj have the
+       same shape (no grouped-query attention; llm-awq skips it otherwise, and so SmolLM2's);
+       gate/up_proj on the MLP's output, into post_attention_layernorm; down_proj on its own
+       output, into up_proj's rows.
+    2. Clipping (awq_search_clip) of every linear but q_proj and k_proj (q and k meet in a product
+       before the softmax, so their own output error says little), on its input divided by its
+       scale; the weights are clamped.
+    The weights stay in float: quantize them afterwards (quantize_llama_4bit does). Returns (the
+    float layer's output, computed before any change: the next layer's input; {group: alpha};
+    {linear name in the layer: its clip values (out, groups)}).
+    """
+    out, x = llama_layer_inputs(layer, hidden_states, kwargs)
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    searches = [(attn, qkv, x.attn, layer.input_layernorm, "norm", x.attn_kwargs)]
+    inputs = {}  # linear name -> its input divided by the scale folded into it (what clipping reads)
+    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+        searches.append((None, ["self_attn.o_proj"], x.o_proj, attn.v_proj, "rows", None))
+    else:
+        inputs["self_attn.o_proj"] = x.o_proj
+    searches.append((mlp, ["mlp.gate_proj", "mlp.up_proj"], x.mlp, layer.post_attention_layernorm, "norm", None))
+    searches.append((None, ["mlp.down_proj"], x.down_proj, mlp.up_proj, "rows", None))
+    alphas: dict[str, float] = {}
+    for block, names, x_in, source, how, block_kwargs in searches:
+        linears = [layer.get_submodule(n) for n in names]
+        s, alpha, _ = awq_search_scale(block, linears, x_in, bits, group_size, kwargs=block_kwargs)
+        alphas[" ".join(n.split(".")[-1] for n in names)] = alpha
+        fold_input_scale(layer, source, how, names, s)
+        inputs.update(dict.fromkeys(names, x_in / s.to(x_in.dtype)))
+    clips = {}
+    for name, x_in in inputs.items():
+        if name.endswith(("q_proj", "k_proj")):
+            continue
+        weight = layer.get_submodule(name).weight
+        clips[name] = awq_search_clip(weight, x_in, bits, group_size, n_tokens=clip_tokens)
+        _clamp_groups(weight, clips[name], group_size)
+    return out, alphas, clips
 
 
 def nf4_levels() -> torch.Tensor:
@@ -326,23 +541,28 @@ def quantize_llama_4bit(
     method: str,
     ids: torch.Tensor | None = None,
     group_size: int | None = 128,
-    awq_rows: int = 2048,
+    awq_tokens: int = 512,
     skip_first: int = 0,
     act_order: bool = True,
 ) -> nn.Module:
     """Quantize every linear of a Llama model but lm_head to 4 bits, in place, into GroupQuantLinear layers.
 
     method: "rtn" and "nf4" need no data; "gptq" and "awq" calibrate on `ids` (batch, tokens),
-    text disjoint from the evaluation text (calibration_ids). Statistics come from the float model
-    in one pass (the reference GPTQ re-runs each layer on the outputs of the already quantized
-    ones; this is the simpler, one-pass variant). AWQ folds its scales into the layer before
-    (llama_input_groups) and searches them on `awq_rows` sampled tokens per group. Both leave out
-    the first `skip_first` tokens of every calibration row (its massive activations, Lesson 9).
+    text disjoint from the evaluation text (calibration_ids). GPTQ's statistics come from the
+    float model in one pass (the reference GPTQ re-runs each layer on the outputs of the already
+    quantized ones; this is the simpler, one-pass variant) and leave out the first `skip_first`
+    tokens of every row (its massive activations, Lesson 9). AWQ runs llm-awq's recipe layer by
+    layer (awq_layer: scales scored on each block's output, folded, then clipping) on whole rows
+    of `ids`: max(1, awq_tokens // tokens per row) of them, evenly spaced (rows 0 and the last
+    for two); each layer reads the float model's previous layers' output, as in llm-awq's
+    run_awq. Then every linear is RTN-quantized on the course's grid.
     """
     if method not in QUANT4_METHODS:
         raise ValueError(f"method must be one of {QUANT4_METHODS}, got {method!r}")
     if method in ("gptq", "awq") and ids is None:
         raise ValueError(f"{method} needs calibration ids (helper.calibration_ids)")
+    if method == "awq" and skip_first:
+        raise ValueError("skip_first applies to GPTQ's statistics; AWQ scores whole sequences")
     modules = dict(model.named_modules())
     groups = llama_input_groups(model)
     results: dict[str, GroupQuant] = {}
@@ -354,21 +574,18 @@ def quantize_llama_4bit(
                     modules[name].weight, hessians[names[0]], 4, group_size, act_order=act_order
                 )
             del hessians[names[0]]
-    elif method == "awq":
-        leaders = [names[0] for names, source, _ in groups if source is not None]
-        inputs = linear_inputs(model, ids, leaders, awq_rows, skip_first)
-        for names, source, how in groups:
-            if source is not None:
-                s, _, _ = awq_search_scale([modules[n].weight for n in names], inputs[names[0]], 4, group_size)
-                fold_input_scale(model, source, how, names, s)
-        for names, _, _ in groups:
-            for name in names:
-                results[name] = rtn_quantize(modules[name].weight, 4, group_size)
     else:
-        quantize = rtn_quantize if method == "rtn" else lambda w, bits, g: nf4_quantize(w, g)
+        if method == "awq":
+            n_rows = min(ids.shape[0], max(1, awq_tokens // ids.shape[1]))
+            rows = torch.linspace(0, ids.shape[0] - 1, n_rows).round().long()
+            hidden, layer_kwargs = decoder_layer_inputs(model, ids[rows], 0)
+            for layer in model.model.layers:
+                hidden, _, _ = awq_layer(layer, hidden, layer_kwargs, 4, group_size)
+            del hidden
+        quantize = nf4_quantize if method == "nf4" else lambda w, g: rtn_quantize(w, 4, g)
         for names, _, _ in groups:
             for name in names:
-                results[name] = quantize(modules[name].weight, 4, group_size)
+                results[name] = quantize(modules[name].weight, group_size)
     names = {module: name for name, module in modules.items()}
     return replace_linears(
         model,

@@ -4,7 +4,8 @@ Contents, in the order of the lesson
   1  The roofline: memory_bandwidth_gbs (the CPU's flags: core/machine.py), roofline_tokens_per_s,
      bytes_per_token
   2  One linear layer on each CPU kernel: quantize_int8_per_channel, quantize_int4_groups,
-     pack_scales_and_zeros, PackedLinear, reference_weight, kernel_error, time_kernels,
+     pack_scales_and_zeros, PackedLinear, reference_weight, kernel_error, last_level_cache_bytes,
+     time_kernels,
      matmul_seconds
   3  Everything else a token costs: with_generation_config (core/generation.py: transformers' static cache),
      rms_norm, apply_rope, FastDecoder (a lean Llama decoder with a static KV cache that
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantcourse.core.timing import time_variants
-from quantcourse.lesson03_linear_quantization_from_scratch import _quantize_per_channel
+from quantcourse.lesson03_linear_quantization_from_scratch import _quantize_per_channel, quantize_per_channel
 
 __all__ = [
     "memory_bandwidth_gbs",
@@ -41,6 +43,7 @@ __all__ = [
     "PackedLinear",
     "reference_weight",
     "kernel_error",
+    "last_level_cache_bytes",
     "time_kernels",
     "matmul_seconds",
     "rms_norm",
@@ -57,8 +60,9 @@ aten = torch.ops.aten
 def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5, rounds: int = 5) -> float:
     """Read bandwidth of this machine in GB/s: torch.sum over an `mb`-MiB fp32 tensor, all torch threads.
 
-    The tensor must be far larger than the last-level cache (tens of MB), or the number is the
-    cache's bandwidth. Each round times `repeats` sums; the median round is reported.
+    The tensor must be far larger than the last-level cache (last_level_cache_bytes: tens of MB on
+    most CPUs, hundreds on some servers), or the number is partly the cache's bandwidth. Each round
+    times `repeats` sums; the median round is reported.
     """
     if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
         raise ValueError(f"mb must be a positive int, got {mb!r}")
@@ -267,15 +271,57 @@ class PackedLinear:
 
 def reference_weight(weight: torch.Tensor, kind: str, dtype: torch.dtype, group_size: int = 32) -> torch.Tensor:
     """The fp32 (out, in) weight a PackedLinear(weight, kind, dtype, group_size) should multiply by,
-    dequantized without its kernel (int4pack: from an int4-dequant twin, the same codes and scales)."""
-    twin = {"int4pack": "int4-dequant", "int8pack": "int8-dequant"}.get(kind, kind)
-    return PackedLinear(weight, twin, dtype, group_size).dequantized()
+    dequantized by hand, without PackedLinear or its kernel: the weight rounded to `dtype` (float);
+    Lesson 3's symmetric per-channel int8 codes times their scales rounded to `dtype` (the int8
+    kinds); the codes and grid of quantize_int4_groups dequantized as its convention says,
+    (q - 8) * scale + zero (the int4 kinds)."""
+    if kind not in LINEAR_KINDS:
+        raise ValueError(f"kind must be one of {LINEAR_KINDS}, got {kind!r}")
+    w = weight.detach().float()
+    if kind == "float":
+        return w.to(dtype).float()
+    if kind.startswith("int8"):
+        q, scale, _ = quantize_per_channel(w, bits=8, axis=0, symmetric=True)  # (out, in), (out, 1)
+        return q.float() * scale.to(dtype).float()
+    q, scale, zero = quantize_int4_groups(w, group_size, dtype)  # (out, in), (out, groups) x 2
+    return (q - 8) * scale.float().repeat_interleave(group_size, 1) + zero.float().repeat_interleave(group_size, 1)
 
 
 def kernel_error(linear: PackedLinear, x: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |linear(x) - x @ reference.T| / max |x @ reference.T|: x (T, in) fp32, reference (out, in) fp32."""
-    expected = x.float() @ reference.T
-    return ((linear(x.to(linear.dtype)).float() - expected).abs().max() / expected.abs().max()).item()
+    """max |linear(x) - x @ reference.T| / max |x @ reference.T|: x (T, in), reference (out, in).
+
+    The reference product is computed in float64, so even an fp32 kernel that multiplies by
+    exactly `reference` shows its own rounding (about 1e-7), not a comparison with itself.
+    """
+    expected = x.double() @ reference.double().T
+    return ((linear(x.to(linear.dtype)).double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """Size in bytes of the largest (highest-level) data or unified cache of CPU 0, from Linux's
+    sysfs (`index*/level`, `type`, `size` such as "32768K"); None where sysfs does not say.
+
+    A bandwidth measurement or a set of weights smaller than this may be served by the cache
+    rather than by memory.
+    """
+    best = None
+    for index in sorted(Path(root).glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1].upper(), 1)
+        try:
+            nbytes = int(size.rstrip("KkMmGg")) * unit
+        except ValueError:
+            continue
+        if best is None or level > best[0] or (level == best[0] and nbytes > best[1]):
+            best = (level, nbytes)
+    return None if best is None else best[1]
 
 
 def time_kernels(calls: dict[str, Any], inner: int = 50, repeats: int = 5) -> dict[str, list[float]]:

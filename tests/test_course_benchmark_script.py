@@ -3,9 +3,12 @@ and how it reports a method whose process fails."""
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +127,97 @@ def test_unknown_method_is_rejected():
 
 def _compare_methods():
     return helper.load_script("benchmarks/compare_methods.py")
+
+
+TINY_SETTINGS = ["--ppl-tokens", "64", "--window", "32", "--new-tokens", "2", "--repeats", "2"]
+
+
+@end_to_end
+def test_update_replaces_the_named_rows_and_keeps_every_other(tiny_run, tmp_path):
+    """--update on a copy of the tiny run: the re-measured row (spoiled first, so that its replacement shows)
+    comes back as the script measures it, a new method is appended, every other row stays byte for byte."""
+    import numpy as np
+
+    out, _ = tiny_run
+    target = tmp_path / "results"
+    shutil.copytree(out, target)
+    csv_path, md_path, nll_path = target / "smollm2_cpu.csv", target / "smollm2_cpu.md", target / "smollm2_cpu_nll.npz"
+    first, *table = csv_path.read_text().splitlines()
+    rows = list(csv.DictReader(table))
+    spoiled = next(r for r in rows if r["method"] == "rtn-int4-g128")
+    measured = dict(spoiled)
+    spoiled.update(perplexity="999.0", library="spoiled")
+    with open(csv_path, "w", newline="") as handle:
+        handle.write(first + "\n")
+        writer = csv.DictWriter(handle, fieldnames=list(helper.BENCHMARK_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    md = md_path.read_text().splitlines()
+    md = [line if not line.startswith("| rtn-int4-g128 |") else "| rtn-int4-g128 | spoiled |" for line in md]
+    md_path.write_text("\n".join(md) + "\n")
+    with np.load(nll_path) as data:
+        nll = {k: data[k] for k in data.files}
+    original_nll = nll["rtn-int4-g128"].copy()
+    np.savez_compressed(nll_path, **{**nll, "rtn-int4-g128": np.zeros_like(original_nll)})
+    before_csv, before_md = csv_path.read_text().splitlines(), md_path.read_text().splitlines()
+
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--update", "--methods", "rtn-int4-g128", "nf4-g128"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        cmd + TINY_SETTINGS + ["--out", str(target)], capture_output=True, text=True, cwd=REPO, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    after_csv = csv_path.read_text().splitlines()
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    note = f"; rows rtn-int4-g128, nf4-g128 re-measured on {today} with --update: "
+    assert after_csv[0].startswith(before_csv[0] + note) and after_csv[0].endswith("at start")
+    assert "cores, torch " in after_csv[0][len(before_csv[0]) :]
+    at = next(i for i, line in enumerate(before_csv) if line.startswith("rtn-int4-g128,"))
+    assert after_csv[1:at] == before_csv[1:at] and after_csv[at + 1 : -1] == before_csv[at + 1 :]  # kept as written
+    _, new_rows = read_results(csv_path)
+    by_method = {r["method"]: r for r in new_rows}
+    assert [r["method"] for r in new_rows] == ["fp32", "bf16", "w8a16-scratch", "w8a8-smoothquant"] + [
+        "rtn-int4-g128",
+        "nf4-g128",
+    ]
+    rtn = by_method["rtn-int4-g128"]
+    assert rtn["library"] == measured["library"] and rtn["bytes"] == int(measured["bytes"])
+    assert rtn["perplexity"] == pytest.approx(float(measured["perplexity"]), rel=1e-4)  # re-measured, not 999
+    for method in ("rtn-int4-g128", "nf4-g128"):
+        assert by_method[method]["ratio_to_fp32"] == pytest.approx(
+            by_method[method]["bytes"] / by_method["fp32"]["bytes"], abs=1e-4
+        )
+    after_nll = helper.read_benchmark_nll(nll_path)
+    assert list(after_nll) == list(nll) + ["nf4-g128"]
+    assert np.allclose(after_nll["rtn-int4-g128"].numpy(), original_nll, atol=2e-5)
+    assert all(np.array_equal(after_nll[m].numpy(), nll[m].astype("float64")) for m in nll if m != "rtn-int4-g128")
+    assert rtn["perplexity"] == pytest.approx(math.exp(after_nll["rtn-int4-g128"].mean().item()), rel=1e-4)
+
+    after_md = md_path.read_text().splitlines()
+    assert after_md[0] == "Measured: " + after_csv[0][2:]
+    md_at = before_md.index("| rtn-int4-g128 | spoiled |")
+    assert after_md[1:md_at] == before_md[1:md_at] and after_md[md_at].startswith("| rtn-int4-g128 | course helper")
+    assert (
+        after_md[md_at + 1].startswith("| nf4-g128 | course helper") and after_md[md_at + 2 :] == before_md[md_at + 1 :]
+    )
+
+
+def test_update_refuses_what_it_cannot_merge(tmp_path, capsys):
+    cm = _compare_methods()
+    with pytest.raises(SystemExit) as exit_info:  # no method named: --update would re-measure everything
+        cm.parse_args(["--update"])
+    assert exit_info.value.code == 2 and "name them" in capsys.readouterr().err
+    assert cm.main(["--update", "--methods", "rtn-int4-g128", "--out", str(tmp_path)]) == 2
+    assert "needs the results of an earlier run" in capsys.readouterr().err
+    (tmp_path / cm.CSV_NAME).write_text("# tiny random Llama (tests) on some CPU\nmethod\n")
+    (tmp_path / cm.MD_NAME).write_text("Measured: tiny random Llama (tests) on some CPU\n")
+    cm.write_nll([{"method": "fp32", "nll": [1.0] * 64}], tmp_path / cm.NLL_NAME)
+    assert cm.main(["--update", "--methods", "fp32", "--out", str(tmp_path)]) == 2  # SmolLM2 into tiny results
+    assert "would not compare" in capsys.readouterr().err
+    args = ["--tiny", "--update", "--methods", "fp32", "--ppl-tokens", "128", "--window", "32", "--out", str(tmp_path)]
+    assert cm.main(args) == 2  # 128 scored tokens where the file has 64
+    assert "would not compare" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -21,17 +21,15 @@ NOTEBOOKS = Path(helper.REPO_DIR) / "notebooks"
 # lesson notebook -> {name printed by helper.print_decode_speeds: method in the capstone table}
 LESSON_METHODS = {
     "02_loading_models_in_dtypes": {"bf16": "bf16", "fp16": "fp16"},
-    # not Lesson 3's W8A16: it builds a float copy of every weight at every call, and whether the
-    # allocator serves that from reused heap or fresh pages depends on the process's history (0.47x to
-    # 1.5x fp32 in lesson runs, 0.98x to 1.23x in the benchmark). The lesson prints the benchmark's row
-    # next to its own and says why they can differ; CONTRIBUTING.md, "Timing".
+    # not Lesson 3's W8A16: it builds a float copy of every weight at every call, and its speed moved
+    # between processes (0.47x to 1.5x fp32 in lesson runs, 0.98x to 1.23x in the benchmark) for a
+    # cause not yet established. The lesson prints the benchmark's row next to its own; CONTRIBUTING.md.
     "05_quantization_with_quanto": {"int8": "quanto-int8"},
     "06_dynamic_quantization": {
         "torch.ao dynamic": "torch.ao-dynamic-int8",
         "torchao dynamic": "torchao-int8-dynamic",
-        # not torchao weight-only: like W8A16 (below) it builds a float copy of every weight at every
-        # call, and its speed follows the allocator's history (0.5x and 1.35x fp32 in two refreshes);
-        # Lesson 6 prints the benchmark's rows beside its own
+        # not torchao weight-only: like W8A16 it builds a float copy of every weight at every call, and
+        # its speed moved between refreshes (0.5x and 1.35x fp32); Lesson 6 prints the benchmark's rows
     },
     "07_bitsandbytes": {"bnb 8-bit": "bnb-int8", "NF4": "bnb-nf4"},
     # Lesson 10's baseline is transformers' fp32 model, the benchmark's fp32 row
@@ -92,7 +90,7 @@ def test_lesson_speedups_agree_with_the_capstone(stem):
         )
 
 
-# Left out above because their speed follows the allocator's history; instead each lesson prints
+# Left out above because their speed moves between processes (cause open); instead each lesson prints
 # the capstone's measurement (a fresh process) beside its own: {lesson: {printed name: method}}
 PRINTED_BESIDE = {
     "03_linear_quantization_from_scratch": {"W8A16": "w8a16-scratch"},

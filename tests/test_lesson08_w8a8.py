@@ -1,6 +1,8 @@
 """Lesson 8 (outliers and 8-bit activations): layer inputs, the integer matmul, W8A8, LLM.int8() and SmoothQuant's
 folds (which AWQ reuses in Lesson 9)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -89,9 +91,10 @@ def test_w8a8linear_on_a_grid_it_represents_exactly(activations):
         lin.weight.copy_(codes / 128)  # each row's absmax is 127 steps of 1/128
         lin.bias.copy_(torch.tensor([0.25, -1.0]))
     x = torch.tensor([[[127.0, -3.0, 50.0, 7.0], [63.5, 0.5, -1.5, 2.0]]])  # (1, 2 tokens, 4)
-    layer = helper.W8A8Linear.from_linear(lin, activations)
+    layer = helper.W8A8Linear.from_linear(lin, activations, 127.0 if activations == "static" else None)
     assert torch.equal(layer.qweight, codes.to(torch.int8)) and torch.equal(layer.scale, torch.full((2, 1), 1 / 128))
-    # per tensor, the step is 127 / 127 = 1: the second token rounds half to even (63.5 -> 64, 0.5 -> 0, -1.5 -> -2)
+    # per tensor (and static, calibrated on max |x| = 127), the step is 127 / 127 = 1: the second token rounds half
+    # to even (63.5 -> 64, 0.5 -> 0, -1.5 -> -2)
     seen = x if activations == "per_token" else torch.tensor([[[127.0, -3.0, 50.0, 7.0], [64.0, 0.0, -2.0, 2.0]]])
     expected = seen.double() @ (codes.double() / 128).T + torch.tensor([0.25, -1.0], dtype=torch.float64)
     y = layer(x)
@@ -99,6 +102,55 @@ def test_w8a8linear_on_a_grid_it_represents_exactly(activations):
     torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError):
         helper.W8A8Linear(4, 4, activations="per_row")
+
+
+def test_w8a8linear_static_uses_the_calibrated_scale_and_clips_beyond_it():
+    """One scale fixed at from_linear time (max |x| on calibration / 127), whatever the input: codes are
+    round(x / step), clipped to +-127 beyond the calibrated range."""
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[127.0, 127.0, 127.0, 127.0]]) / 127)  # codes 127, scale 1/127: W = 1 exactly
+    layer = helper.W8A8Linear.from_linear(lin, "static", torch.tensor([2.54, 12.7, 0.5, 1.0]))  # max 12.7: step 0.1
+    assert layer.input_scale.item() == pytest.approx(0.1) and layer.input_scale.dtype == torch.float32
+    x = torch.tensor([[0.25, 0.04, -1.0, 0.0], [20.0, 0.0, 0.0, -0.35]])  # 20 is beyond the calibrated 12.7
+    # codes: [2 (0.25/0.1 = 2.5 -> 2, half to even), 0, -10, 0] and [127 (clipped), 0, 0, -4 (-3.5 -> -4)]
+    expected = torch.tensor([[(2 + 0 - 10 + 0) * 0.1], [(127 - 4) * 0.1]])
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+    # a dynamic per-tensor layer takes its step from this input instead: 20 / 127
+    dynamic = helper.W8A8Linear.from_linear(lin, "per_tensor")(x)
+    assert (dynamic[1] - 19.65).abs() < 0.2 and not torch.allclose(dynamic, expected, atol=1e-3)
+    for activations, absmax in (("static", None), ("per_token", 1.0), ("static", 0.0), ("static", float("nan"))):
+        with pytest.raises(ValueError):
+            helper.W8A8Linear.from_linear(lin, activations, absmax)
+
+
+def test_w8a8linear_from_linear_rejects_what_is_not_a_linear():
+    for bad in (nn.Conv1d(4, 4, 1), torch.zeros(4, 4)):
+        with pytest.raises(TypeError, match="nn.Linear"):
+            helper.W8A8Linear.from_linear(bad)
+        with pytest.raises(TypeError, match="nn.Linear"):
+            helper.LLMInt8Linear(bad)
+
+
+def test_w8a8_model_swaps_every_linear_but_lm_head_with_per_layer_static_scales(tiny_llama):
+    model, ids = tiny_llama
+    act = helper.activation_absmax(model, None, ids=ids)
+    dynamic = helper.w8a8_model(copy.deepcopy(model))
+    static = helper.w8a8_model(copy.deepcopy(model), "static", act)
+    for swapped, activations in ((dynamic, "per_token"), (static, "static")):
+        layers = {n: m for n, m in swapped.named_modules() if isinstance(m, helper.W8A8Linear)}
+        assert len(layers) == 2 * 7 and type(swapped.lm_head) is nn.Linear  # 7 linears per layer, lm_head kept
+        assert all(m.activations == activations for m in layers.values())
+    for name, layer in static.named_modules():
+        if isinstance(layer, helper.W8A8Linear):
+            assert layer.input_scale.item() == pytest.approx(act[name].max().item() / 127, rel=1e-6)
+    with torch.no_grad():  # calibrated on the same ids, the static model stays close to the float one
+        ref, y = model(input_ids=ids).logits, static(input_ids=ids).logits
+    assert (y - ref).norm() < 0.1 * ref.norm()
+    with pytest.raises(ValueError):
+        helper.w8a8_model(copy.deepcopy(model), "static")
+    with pytest.raises(ValueError):
+        helper.w8a8_model(copy.deepcopy(model), "per_tensor", act)
 
 
 def test_llm_int8_matches_bitsandbytes_linear8bitlt():
@@ -115,6 +167,31 @@ def test_llm_int8_matches_bitsandbytes_linear8bitlt():
         y = ours(x)
     assert torch.equal(ours.cb, bnb_layer.state.CB) and torch.equal(ours.scb, bnb_layer.state.SCB)
     assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_llm_int8_linear_with_a_bias_keeps_the_input_dtype(dtype):
+    """bitsandbytes' order: the fp32 bias joins the fp32 int8 part, which is then cast to x's dtype; the outlier
+    column is added in that dtype. Checked against that computation written out."""
+    g = torch.Generator().manual_seed(6)
+    lin = nn.Linear(32, 8)
+    with torch.no_grad():
+        lin.bias.copy_(torch.randn(8, generator=g))
+    x = torch.randn(3, 32, generator=g)
+    x[:, 5] = 10.0  # one outlier column
+    layer = helper.LLMInt8Linear(lin, 6.0)
+    with torch.no_grad():
+        y = layer(x.to(dtype))
+    # the int8 part without the outlier column (threshold 0, fp32 output), plus the bias, then cast like bitsandbytes
+    int_fp32 = helper.llm_int8_matmul(x.to(dtype).float().masked_fill(torch.arange(32) == 5, 0), layer.cb, layer.scb, 0)
+    w_col = (layer.cb[:, 5:6].float() * (layer.scb.reshape(-1, 1) / 127)).to(dtype)
+    expected = (int_fp32 + layer.bias).to(dtype).addmm(x.to(dtype)[:, 5:6], w_col.T)
+    assert y.dtype == dtype
+    assert torch.equal(y, expected)
+    with torch.no_grad():  # fp32 input: fp32 output, the bias added last
+        y32 = layer(x)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, helper.llm_int8_matmul(x, layer.cb, layer.scb, 6.0) + layer.bias, rtol=0, atol=0)
 
 
 def test_llm_int8_threshold_moves_outlier_columns_to_float():
@@ -149,6 +226,42 @@ def test_smooth_llama_keeps_the_float_model(tiny_llama):
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+
+
+def test_smoothing_scales_are_the_factors_smooth_llama_folds(tiny_llama):
+    model, ids = tiny_llama
+    act = helper.activation_absmax(model, None, ids=ids)
+    scales = helper.smoothing_scales(model, act, 0.5)
+    p = "model.layers.0"
+    qkv = [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
+    w_absmax = torch.stack([model.get_submodule(n).weight.abs().amax(dim=0) for n in qkv]).amax(dim=0)
+    assert torch.equal(scales[qkv[0]], helper.smoothing_factors(act[qkv[0]], w_absmax, 0.5))
+    assert all(scales[n] is scales[qkv[0]] for n in qkv)  # one factor per group
+    assert f"{p}.self_attn.o_proj" not in scales and f"{p}.mlp.down_proj" in scales and "lm_head" not in scales
+    two_groups = helper.smoothing_scales(model, act, 0.5, down_proj=False)
+    assert sorted(two_groups) == sorted(n for n in scales if not n.endswith("down_proj"))
+    # after smoothing, the input of each smoothed linear is x / s: its channel maxima are act / s
+    smoothed = helper.smooth_llama(copy.deepcopy(model), act, 0.5)
+    after = helper.activation_absmax(smoothed, None, ids=ids)
+    for name, s in scales.items():
+        torch.testing.assert_close(after[name], act[name] / s, rtol=1e-4, atol=1e-6)
+
+
+def test_smooth_llama_down_proj_false_smooths_only_the_two_rmsnorm_groups(tiny_llama):
+    model, ids = tiny_llama
+    act = helper.activation_absmax(model, None, ids=ids)
+    course = helper.smooth_llama(copy.deepcopy(model), act, 0.5)
+    authors = helper.smooth_llama(copy.deepcopy(model), act, 0.5, down_proj=False)
+    for i in range(2):
+        up, down = f"model.layers.{i}.mlp.up_proj", f"model.layers.{i}.mlp.down_proj"
+        assert torch.equal(authors.get_submodule(down).weight, model.get_submodule(down).weight)  # no third fold
+        assert not torch.equal(course.get_submodule(down).weight, model.get_submodule(down).weight)
+        norm = f"model.layers.{i}.input_layernorm"
+        assert torch.equal(authors.get_submodule(norm).weight, course.get_submodule(norm).weight)
+        # up_proj: its columns scaled by the norm group in both, its rows divided by s in the course's only
+        assert not torch.equal(authors.get_submodule(up).weight, course.get_submodule(up).weight)
+    with torch.no_grad():
+        assert torch.allclose(authors(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_llama_input_groups_cover_every_linear_but_lm_head(tiny_llama):

@@ -137,6 +137,38 @@ def test_packed_linear_on_random_weights_computes_with_an_independent_dequantiza
     assert (gap == 0) if (kind == "float" and dtype == torch.float32) else (0 < gap < 0.5)
 
 
+def test_kernel_error_compares_with_a_float64_product():
+    """An fp32 layer multiplying by exactly the reference still shows fp32 rounding: it is not compared with itself."""
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(64, 1536, generator=g), torch.randn(1, 1536, generator=g)
+    error = helper.kernel_error(helper.PackedLinear(w, "float"), x, w)
+    assert 0 < error < 1e-5
+    expected = (x.double() @ w.double().T).squeeze(0)
+    by_hand = ((x @ w.T).squeeze(0).double() - expected).abs().max() / expected.abs().max()
+    assert error == pytest.approx(by_hand.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="kind"):
+        helper.reference_weight(w, "int3", torch.float32)
+
+
+def test_last_level_cache_bytes_reads_the_highest_cache_level(tmp_path):
+    for name, (level, kind, size) in {
+        "index0": (1, "Data", "48K"),
+        "index1": (1, "Instruction", "32K"),
+        "index2": (2, "Unified", "2048K"),
+        "index3": (3, "Unified", "32M"),
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(f"{level}\n")
+        (tmp_path / name / "type").write_text(f"{kind}\n")
+        (tmp_path / name / "size").write_text(f"{size}\n")
+    assert helper.last_level_cache_bytes(str(tmp_path)) == 32 * 2**20
+    (tmp_path / "index3" / "size").write_text("garbage")
+    assert helper.last_level_cache_bytes(str(tmp_path)) == 2048 * 2**10  # an unreadable level is skipped
+    assert helper.last_level_cache_bytes(str(tmp_path / "missing")) is None
+    here = helper.last_level_cache_bytes()
+    assert here is None or here > 0
+
+
 def test_packed_linear_bytes_are_what_it_holds():
     w = torch.zeros(576, 1536)
     assert helper.PackedLinear(w, "float").nbytes == 576 * 1536 * 4
