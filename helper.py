@@ -20,13 +20,14 @@ Contents (lesson -> module -> what it holds)
   7  notebooks/07_bitsandbytes                     quantcourse/lesson07_bitsandbytes.py
        bnb_quantize_linear, detach_from_checkpoint
   8  notebooks/08_outliers_and_w8a8                quantcourse/lesson08_outliers_and_w8a8.py
-       int8_matmul, W8A8Linear, llm_int8_matmul, smooth_llama
+       int8_matmul, W8A8Linear (dynamic or static), w8a8_model, llm_int8_matmul, smooth_llama
   9  notebooks/09_gptq_awq_nf4                     quantcourse/lesson09_gptq_awq_nf4.py
-       rtn_quantize, gptq_quantize, awq_search_scale, nf4_levels, quantize_llama_4bit
+       rtn_quantize, gptq_quantize, awq_search_scale, awq_search_clip, awq_layer, nf4_levels,
+       quantize_llama_4bit
   10 notebooks/10_decode_speed                     quantcourse/lesson10_decode_speed.py
        memory_bandwidth_gbs, PackedLinear, FastDecoder
   11 notebooks/11_capstone_comparison              quantcourse/lesson11_capstone_comparison.py
-       pareto_front, paired_verdict
+       pareto_front, paired_verdict, paired_pareto_front
 
 Shared (quantcourse/core/, each module importing only those above it)
   machine     cpu_capability, cpu_flags (CPU_FLAGS, KERNEL_FLAGS), cpu_model_name, cpu_instruction_sets, claim
