@@ -24,6 +24,9 @@ LESSON_METHODS = {
     # not Lesson 3's W8A16: it builds a float copy of every weight at every call, and its speed moved
     # between processes (0.47x to 1.5x fp32 in lesson runs, 0.98x to 1.23x in the benchmark) for a
     # cause not yet established. The lesson prints the benchmark's row next to its own; CONTRIBUTING.md.
+    # llama.cpp runs its own kernels on the file's blocks; the stored outputs come from a machine with
+    # it installed (CONTRIBUTING: `make setup-llama` before a refresh), so its lines are required
+    "04_gguf": {"llama.cpp Q4_1": "llama.cpp-q4_1-file"},
     "05_quantization_with_quanto": {"int8": "quanto-int8"},
     "06_dynamic_quantization": {
         "torch.ao dynamic": "torch.ao-dynamic-int8",
@@ -37,8 +40,7 @@ LESSON_METHODS = {
         "lean fp32": "fast-fp32",
         "lean int8 + bf16": "fast-int8-bf16",
         "lean int4 g32 + bf16": "fast-int4-g32-bf16",
-        # not llama.cpp: its rows are optional (not installed, the lesson prints no line), and its
-        # speed-up over fp32 moved by 20% between the lesson's process and the benchmark's on one day
+        "llama.cpp, the Q4_1 file": "llama.cpp-q4_1-file",
     },
 }
 # Two processes timing the same pair differ by a few percent beyond their rounds' spread (allocator
