@@ -49,6 +49,14 @@ def test_every_notebook_has_its_module_and_every_module_its_notebook():
     assert modules == [f"lesson{stem}" for stem in stems]
 
 
+def test_tests_mirror_the_modules():
+    """test_lessonNN_<notebook stem>.py per lesson, test_core_<module>.py per core module, test_course_* else."""
+    tests = sorted(p.stem for p in (REPO / "tests").glob("test_*.py"))
+    assert [t for t in tests if t.startswith("test_lesson")] == [f"test_lesson{p.stem}" for p in helper.NOTEBOOKS]
+    assert [t for t in tests if t.startswith("test_core_")] == sorted(f"test_core_{m}" for m in CORE_ORDER)
+    assert all(t.startswith(("test_lesson", "test_core_", "test_course_")) for t in tests), tests
+
+
 def test_core_holds_exactly_the_modules_in_their_order():
     assert sorted(p.stem for p in (PACKAGE / "core").glob("*.py") if p.stem != "__init__") == sorted(CORE_ORDER)
 

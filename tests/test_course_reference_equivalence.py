@@ -2,7 +2,7 @@
 
 The references are the authors' code, ported minimally into this file where it is not installed
 (GPTQ, SmoothQuant), or the reference library itself (bitsandbytes, gguf-py, ggml through ctypes).
-What tests/test_lesson04_gguf.py, test_lesson07_bitsandbytes.py, test_lesson08_w8a8.py and
+What tests/test_lesson04_gguf.py, test_lesson07_bitsandbytes.py, test_lesson08_outliers_and_w8a8.py and
 test_lesson09_gptq_awq_nf4.py already compare (gguf-py's quantize on hand-made rows and dequantize
 on every byte pattern, Linear8bitLt to a tolerance of 1e-5, NF4's table, nf4_quantize's codes on an
 8x128 weight) is not repeated here; the NF4 test below adds a 256x512 layer with outlier columns
