@@ -24,9 +24,9 @@ Contents (lesson -> module -> what it holds)
   9  notebooks/09_gptq_awq_nf4                     quantcourse/lesson09_gptq_awq_nf4.py
        rtn_quantize, gptq_quantize, awq_search_scale, awq_search_clip, awq_layer, nf4_levels,
        quantize_llama_4bit
-  10 notebooks/10_decode_speed                     quantcourse/lesson10_decode_speed.py
+  12 notebooks/12_decode_speed                     quantcourse/lesson12_decode_speed.py
        memory_bandwidth_gbs, PackedLinear, FastDecoder
-  11 notebooks/11_capstone_comparison              quantcourse/lesson11_capstone_comparison.py
+  14 notebooks/14_capstone_comparison              quantcourse/lesson14_capstone_comparison.py
        pareto_front, paired_verdict, paired_pareto_front
 
 Shared (quantcourse/core/, each module importing only those above it)
@@ -63,8 +63,8 @@ MODULES += [
     "quantcourse.lesson07_bitsandbytes",
     "quantcourse.lesson08_outliers_and_w8a8",
     "quantcourse.lesson09_gptq_awq_nf4",
-    "quantcourse.lesson10_decode_speed",
-    "quantcourse.lesson11_capstone_comparison",
+    "quantcourse.lesson12_decode_speed",
+    "quantcourse.lesson14_capstone_comparison",
     "quantcourse.tooling",  # not a lesson's: the notebooks' checks and the script loader, for scripts and tests
 ]
 """Every module helper re-exports, in course order (tests/test_course_layout.py checks it lists them all)."""

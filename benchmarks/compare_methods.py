@@ -20,7 +20,7 @@ Usage:
 already in --out (the CSV, the markdown table, the per-token NLLs), keeping every other row as it is;
 the CSV's first line then also says which rows were re-measured, on which date and machine.
 
-The fast-* rows run helper.FastDecoder (Lesson 10), a lean decoder with a static KV cache, on
+The fast-* rows run helper.FastDecoder (Lesson 12), a lean decoder with a static KV cache, on
 PyTorch's weight-only int8/int4 CPU kernels with bf16 activations; their lm_head is int8. The
 fp32-static-compiled row is transformers' own recipe (static cache + torch.compile), its compile
 time in load_quantize_s.
@@ -177,7 +177,7 @@ def _int4(method: str, group_size: int | None) -> Callable[[Path], nn.Module]:
 
 
 def _fast(kind: str, dtype: torch.dtype, group_size: int = 32) -> Callable[[Path], nn.Module]:
-    """helper.FastDecoder (Lesson 10): the same weights in a lean decoder with a static KV cache.
+    """helper.FastDecoder (Lesson 12): the same weights in a lean decoder with a static KV cache.
 
     Its lm_head (and the embedding rows it serves) runs on the int8 kernel when the layers are
     quantized, as llama.cpp's file keeps its output layer in Q8_0: the one exception to SKIP.

@@ -144,7 +144,7 @@ def quantize_per_channel(
     """(q int8, scale float32, zero_point int32): one scale per slice along `axis` (keepdim shapes).
 
     The course's one per-row absmax quantizer (symmetric=True): Lesson 8's quantize_rows_absmax
-    (a row per token or per output channel) and Lesson 10's quantize_int8_per_channel (the int8
+    (a row per token or per output channel) and Lesson 12's quantize_int8_per_channel (the int8
     kernels' weights) call it. Asymmetric, it is the integer-zero-point min-max grid (the range
     widened to contain 0) that Lesson 9's rtn_quantize uses with fp16 scales
     (tests/test_course_one_implementation.py shows where the two differ).
@@ -158,7 +158,7 @@ def quantize_per_channel(
 def _quantize_per_channel(
     w: torch.Tensor, bits: int, axis: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`quantize_per_channel` for a tensor its caller has checked (Lessons 8 and 10 check their own)."""
+    """`quantize_per_channel` for a tensor its caller has checked (Lessons 8 and 12 check their own)."""
     if symmetric:  # max(|min|, |max|) is max |x|: one reduction instead of two
         rows, shape = _channel_rows(w, axis)
         absmax = rows.abs().amax(dim=1).reshape(shape)
@@ -184,7 +184,7 @@ def quantize_per_group(
 
     Symmetric (absmax) per group: quantize_per_channel on rows of `group_size` weights. The min-max
     group quantizers of the later lessons (Lesson 4's blockwise_minmax_rtn, Lesson 9's rtn_quantize,
-    Lesson 10's quantize_int4_groups) each use another grid; tests/test_course_one_implementation.py
+    Lesson 12's quantize_int4_groups) each use another grid; tests/test_course_one_implementation.py
     ties them to one another.
     """
     _check_float(w, "quantize_per_group")

@@ -181,7 +181,7 @@ def blockwise_minmax_rtn(
     Groups are runs of `group_size` consecutive weights in row-major order, as bitsandbytes' blocks
     are: a group may span two rows when the row length is not a multiple of it (576 and 128 here).
     At group_size=32, bits=4 and fp16 parameters it equals gguf_dequantize(gguf_quantize(w, "Q4_1")).
-    Lesson 10's quantize_int4_groups keeps a float minimum too, but rounds its step and zero to the
+    Lesson 12's quantize_int4_groups keeps a float minimum too, but rounds its step and zero to the
     parameter dtype before it chooses the codes (here the codes are chosen with the exact step, as
     Q4_1 does) and rounds a weight half-way between two levels to even (here: up). Lesson 9's
     rtn_quantize widens the range to contain 0 instead (tests/test_course_one_implementation.py).

@@ -138,7 +138,7 @@ def over_flag(value: float, limit: float) -> str:
 
 
 def report(stem: str, seconds: float, peak_mb: float, budget: tuple[float, float]) -> str:
-    """'10_decode_speed: 59 s (budget 90 s), peak 2,233 MB (budget 2,500 MB)', flagging what is over."""
+    """'12_decode_speed: 59 s (budget 90 s), peak 2,233 MB (budget 2,500 MB)', flagging what is over."""
     return (
         f"{stem}: {seconds:.0f} s (budget {budget[0]:.0f} s){over_flag(seconds, budget[0])}, "
         f"peak {peak_mb:,.0f} MB (budget {budget[1]:,.0f} MB){over_flag(peak_mb, budget[1])}"

@@ -22,9 +22,22 @@ def _markdown(path):
     return "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
 
 
-def test_lessons_are_numbered_consecutively():
+# The course's order (issues 23-25): 10 K-quants and the importance matrix, 11 FP8/MXFP4/NVFP4,
+# 12 decode speed, 13 the KV cache, 14 the capstone. A planned lesson not yet written leaves its
+# number free; no other number may be missing.
+PLANNED_LESSONS = {10: "K-quants and the importance matrix", 11: "FP8, MXFP4 and NVFP4", 13: "the KV cache"}
+
+
+def test_lessons_are_numbered_in_the_courses_order():
     numbers = [int(p.name[:2]) for p in NOTEBOOKS]
-    assert numbers == list(range(1, len(NOTEBOOKS) + 1))
+    expected = [n for n in range(1, max(numbers) + 1) if n not in PLANNED_LESSONS or n in numbers]
+    assert numbers == expected
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_title_number_is_the_file_number(path):
+    match = re.search(r"^# Lesson (\d+) — ", _markdown(path), re.M)
+    assert match and int(match.group(1)) == int(path.name[:2])
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -2,17 +2,17 @@
 
 Merged (one function, the others thin calls), checked here so that a copy cannot grow back:
 - per-row absmax int8: Lesson 3's quantize_per_channel(symmetric=True) is Lesson 8's
-  quantize_rows_absmax, Lesson 10's quantize_int8_per_channel and W8A16Linear's weights;
+  quantize_rows_absmax, Lesson 12's quantize_int8_per_channel and W8A16Linear's weights;
 - NF4 rounding: Lesson 4's absmax_level_codes is blockwise_nf4_rtn's and Lesson 9's nf4_quantize's;
 - per-token NLL windows: core.llama_cpp's window_nll is token_nll's and llama_cpp_token_nll's;
 - the linear swap: core.surgery's replace_linears is Lesson 3's, Lesson 4's and Lesson 9's;
-- /proc/cpuinfo: core.machine's cpu_flags and cpu_model_name, for Lesson 10, Lesson 11, the
+- /proc/cpuinfo: core.machine's cpu_flags and cpu_model_name, for Lesson 12, Lesson 14, the
   benchmark and the course runner.
 
 Tied (deliberately different, so both stay; the tests say where and how they differ):
 - the group-wise min-max quantizers: Lesson 3's asymmetric grid and Lesson 9's rtn_quantize (the
   same integer-zero grid, Lesson 9's scale rounded to fp16), Lesson 4's blockwise_minmax_rtn and
-  Lesson 10's quantize_int4_groups (a float minimum; the parameters rounded after or before the
+  Lesson 12's quantize_int4_groups (a float minimum; the parameters rounded after or before the
   codes are chosen, ties rounded up or to even), Lesson 3's quantize_per_group (symmetric);
 - Lesson 2's perplexity (one pass) and token_nll (windows).
 """
@@ -141,7 +141,7 @@ def _int4_groups_dequantized(w: torch.Tensor, group_size: int, param_dtype: torc
 
 
 def test_float_minimum_grids_of_lessons_4_and_10_agree_on_an_exact_grid():
-    """Lesson 4's blockwise_minmax_rtn (Q4_1's arithmetic) and Lesson 10's quantize_int4_groups (the
+    """Lesson 4's blockwise_minmax_rtn (Q4_1's arithmetic) and Lesson 12's quantize_int4_groups (the
     int4 kernel's convention, zero = the value of code 8) both keep the group's own minimum (not
     widened to 0): on weights on such a grid, with exact parameters, they give the same weights."""
     g = torch.Generator().manual_seed(5)
@@ -157,12 +157,12 @@ def test_float_minimum_grids_of_lessons_4_and_10_agree_on_an_exact_grid():
 
 def test_float_minimum_grids_of_lessons_4_and_10_differ_in_ties_and_in_when_they_round_parameters():
     # 1. A weight exactly half a step above a level: Q4_1 rounds up (C's (x + 0.5) truncated),
-    #    Lesson 10 rounds half to even (torch.round).
+    #    Lesson 12 rounds half to even (torch.round).
     w = torch.tensor([[0.0, 15.0, 0.5, 2.5]])  # min 0, max 15: step 1
     assert helper.blockwise_minmax_rtn(w, 4).tolist() == [[0.0, 15.0, 1.0, 3.0]]
     assert _int4_groups_dequantized(w, 4, torch.float32).tolist() == [[0.0, 15.0, 0.0, 2.0]]
     # 2. Real-valued weights. Lesson 4 chooses the codes with the exact step and minimum and rounds
-    #    the parameters to fp16 after; Lesson 10 rounds its step and zero first and chooses the codes
+    #    the parameters to fp16 after; Lesson 12 rounds its step and zero first and chooses the codes
     #    for them. With fp32 parameters the codes agree (the weights to float rounding); with fp16
     #    parameters a few weights land one step apart.
     w = _weights(6)
@@ -179,7 +179,7 @@ def test_float_minimum_grids_of_lessons_4_and_10_differ_in_ties_and_in_when_they
 def test_lesson3s_per_group_is_symmetric_not_min_max():
     """quantize_per_group (Lesson 3) scales each group by its absmax: on a group of weights in [1, 4]
     it uses the 4-bit codes 2..7 only; rtn_quantize's grid, widened to 0, the codes 4..15; the float
-    minimum of Lessons 4 and 10 all 16."""
+    minimum of Lessons 4 and 12 all 16."""
     w = torch.linspace(1.0, 4.0, 32).reshape(1, 32)
     q, _ = helper.quantize_per_group(w, 32, bits=4)
     assert q.unique().tolist() == [2, 3, 4, 5, 6, 7]
@@ -418,7 +418,7 @@ def test_cpu_flags_and_model_name_read_the_first_cpu(tmp_path):
 def test_one_flag_list():
     assert set(helper.INSTRUCTION_SETS) <= set(helper.CPU_FLAGS) and set(helper.KERNEL_FLAGS) <= set(helper.CPU_FLAGS)
     assert helper.INSTRUCTION_SETS == {f: helper.CPU_FLAGS[f] for f in helper.INSTRUCTION_SETS}
-    # the order the benchmark's machine line and Lesson 11 print
+    # the order the benchmark's machine line and Lesson 14 print
     assert helper.KERNEL_FLAGS == ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 

@@ -114,12 +114,12 @@ def test_previous_and_next_walk_through_every_lesson(built):
 
 def test_slides_start_reveal_and_leave_the_solutions_out(built):
     root, browser = built
-    deck = root / "slides" / "10_decode_speed.slides.html"
+    deck = root / "slides" / "12_decode_speed.slides.html"
     dom = browser.dom(deck)
     assert re.search(r'class="[^"]*\breveal\b[^"]*\bready\b', dom), "reveal.js did not start (no 'ready' class)"
     assert "Summary and takeaways" in dom and "Exercise 1" in dom
     assert "Solutions" not in dom and "check_ex1(576" not in dom  # the solution cells are gone
-    notebook = nbformat.read(REPO / "notebooks" / "10_decode_speed.ipynb", as_version=4)
+    notebook = nbformat.read(REPO / "notebooks" / "12_decode_speed.ipynb", as_version=4)
     headings = sum(len(re.findall(r"^#{1,2}\s", c.source, re.M)) for c in notebook.cells if c.cell_type == "markdown")
     stacks = re.findall(r'<section[^>]*class="stack\b', dom)  # reveal.js's top-level slides, once started
     assert len(stacks) == headings >= 9  # the title, Setup, the numbered sections, Exercises, the summary
@@ -129,9 +129,9 @@ def test_slides_start_reveal_and_leave_the_solutions_out(built):
 def test_screenshots_render(built):
     root, browser = built
     shots = []
-    for page in (root / "html" / "index.html", root / "html" / "10_decode_speed.html"):
+    for page in (root / "html" / "index.html", root / "html" / "12_decode_speed.html"):
         shots.append(browser.screenshot(page, root / f"{page.stem}.png"))
-    shots.append(browser.screenshot(root / "slides" / "10_decode_speed.slides.html", root / "slide.png"))
+    shots.append(browser.screenshot(root / "slides" / "12_decode_speed.slides.html", root / "slide.png"))
     for png in shots:
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png  # a real, non-blank image

@@ -35,8 +35,8 @@ LESSON_METHODS = {
         # its speed moved between refreshes (0.5x and 1.35x fp32); Lesson 6 prints the benchmark's rows
     },
     "07_bitsandbytes": {"bnb 8-bit": "bnb-int8", "NF4": "bnb-nf4"},
-    # Lesson 10's baseline is transformers' fp32 model, the benchmark's fp32 row
-    "10_decode_speed": {
+    # Lesson 12's baseline is transformers' fp32 model, the benchmark's fp32 row
+    "12_decode_speed": {
         "lean fp32": "fast-fp32",
         "lean int8 + bf16": "fast-int8-bf16",
         "lean int4 g32 + bf16": "fast-int4-g32-bf16",

@@ -1,6 +1,6 @@
 """The capstone benchmark's committed table (benchmarks/results/): its columns and a reader.
 
-Written by benchmarks/compare_methods.py; read by Lessons 3, 6, 8, 9, 10 and 11.
+Written by benchmarks/compare_methods.py; read by Lessons 3, 6, 8, 9, 12 and 14.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def token_nll(model, tokenizer, n_tokens: int = 4096, window: int = 512, text: s
 
     Window i feeds tokens [i*window, (i+1)*window] and scores the `window` tokens after its first,
     so the windows do not overlap and every token is predicted with at most `window` tokens of
-    context (core.llama_cpp's window_nll, which llama_cpp_token_nll shares). Taught in Lesson 11
+    context (core.llama_cpp's window_nll, which llama_cpp_token_nll shares). Taught in Lesson 14
     (the capstone benchmark's perplexity and its standard error).
     """
     check_windows(n_tokens, window)

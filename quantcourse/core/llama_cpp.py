@@ -1,6 +1,6 @@
 """llama.cpp as an optional runtime (`llama-cpp-python`): loading the GGUF file, generating, scoring.
 
-Taught in Lesson 4; timed in Lesson 10 and the capstone. Every function says so when it is not installed.
+Taught in Lesson 4; timed in Lesson 12 and the capstone. Every function says so when it is not installed.
 `window_nll`, the windows in which every per-token NLL of the course is scored, is here because this
 is the first core module that scores windows (core.evaluation's token_nll calls it too).
 """
@@ -78,7 +78,7 @@ def window_nll(logits_of, ids: torch.Tensor, n_tokens: int, window: int) -> torc
     Window i feeds ids[i*window : (i+1)*window] to logits_of (which returns float32 logits
     (window, vocab)) and scores the `window` tokens after its first, so the windows do not overlap
     and every token is predicted with at most `window` tokens of context. The course's one
-    windowing: core.evaluation's token_nll (a torch model, Lessons 4 and 11) and
+    windowing: core.evaluation's token_nll (a torch model, Lessons 4 and 14) and
     llama_cpp_token_nll (llama.cpp) call it; it lives here, the earlier of the two core modules.
     """
     check_windows(n_tokens, window)

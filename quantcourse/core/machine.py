@@ -86,14 +86,14 @@ CPU_FLAGS = {
     "amx_bf16": "AMX-BF16 (bf16 tile products)",
 }
 """The course's one list of CPU flags (as /proc/cpuinfo names them) that decide which int8 and bf16
-kernels are fast, and what they mean. Lesson 10 explains INSTRUCTION_SETS; the benchmark's machine
-line and Lesson 11 list KERNEL_FLAGS."""
+kernels are fast, and what they mean. Lesson 12 explains INSTRUCTION_SETS; the benchmark's machine
+line and Lesson 14 list KERNEL_FLAGS."""
 
 INSTRUCTION_SETS = {flag: CPU_FLAGS[flag] for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")}
-"""The instruction sets Lesson 10 explains (`cpu_instruction_sets`): AMX as one set, its tiles."""
+"""The instruction sets Lesson 12 explains (`cpu_instruction_sets`): AMX as one set, its tiles."""
 
 KERNEL_FLAGS = tuple(flag for flag in CPU_FLAGS if flag != "amx_tile")
-"""The flags the benchmark's machine line and Lesson 11 report: AMX as the products it computes
+"""The flags the benchmark's machine line and Lesson 14 report: AMX as the products it computes
 (amx_int8, amx_bf16; a CPU with either has amx_tile), and the 256-bit avx_vnni."""
 
 
@@ -109,8 +109,8 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo", wanted=CPU_FLAGS) -> dict[s
     """{flag: whether this CPU has it} for each of `wanted` (default CPU_FLAGS), from the first
     "flags" line of /proc/cpuinfo; None where the file cannot be read (not Linux).
 
-    The course's one reader of the CPU's flags: `cpu_instruction_sets` (Lesson 10), the
-    benchmark's machine line and Lesson 11 call it.
+    The course's one reader of the CPU's flags: `cpu_instruction_sets` (Lesson 12), the
+    benchmark's machine line and Lesson 14 call it.
     """
     lines = _cpuinfo_lines(cpuinfo)
     if lines is None:

@@ -1,4 +1,4 @@
-"""Lesson 10 — why quantized decoding is (or is not) fast on a CPU (notebooks/10_decode_speed.ipynb).
+"""Lesson 12 — why quantized decoding is (or is not) fast on a CPU (notebooks/12_decode_speed.ipynb).
 
 Contents, in the order of the lesson
   1  The roofline: memory_bandwidth_gbs (the CPU's flags: core/machine.py), roofline_tokens_per_s,
@@ -124,7 +124,7 @@ def quantize_int4_groups(
     chosen, so q is the best code for the parameters the kernel will really use.
 
     The course's SmolLM2 weights come from a Q4_1 GGUF file (min-max 4-bit blocks of 32): with
-    group_size=32 this finds the file's own grid again, nearly losslessly (Lesson 10 measures it).
+    group_size=32 this finds the file's own grid again, nearly losslessly (Lesson 12 measures it).
     Lesson 4's blockwise_minmax_rtn (Q4_1's arithmetic) keeps the same float minimum but chooses
     its codes before rounding its parameters, and rounds half-way weights up: with fp32 parameters
     the two agree to float rounding (tests/test_course_one_implementation.py).
@@ -175,7 +175,7 @@ class PackedLinear:
                       for_cpu; (groups, out, 2) scales/zeros
 
     The fused kernels want their scales in the activation dtype, and are fast only for bf16
-    activations (with fp32 they take a far slower path; Lesson 10 times both). The int4 packing
+    activations (with fp32 they take a far slower path; Lesson 12 times both). The int4 packing
     needs out_features % 16 == 0 and a group size in INT4_GROUP_SIZES dividing in_features, and its
     byte layout depends on the kernels torch dispatches to (AVX512, AVX2, ...): bytes packed under
     one give wrong results under another, so pack in the process that multiplies, never save them.

@@ -1,4 +1,4 @@
-"""Lesson 10 (decode speed on a CPU): the roofline, the kernels' weight layouts, the lean decoder."""
+"""Lesson 12 (decode speed on a CPU): the roofline, the kernels' weight layouts, the lean decoder."""
 
 import statistics
 

@@ -1,4 +1,4 @@
-"""Lesson 11 — the capstone: every method on one model (notebooks/11_capstone_comparison.ipynb).
+"""Lesson 14 — the capstone: every method on one model (notebooks/14_capstone_comparison.ipynb).
 
 The table itself is measured by benchmarks/compare_methods.py and read with core/benchmark.py; the
 per-token losses and paired differences are core/evaluation.py's (taught in Lesson 4). Here: how the

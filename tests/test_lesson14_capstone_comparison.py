@@ -1,4 +1,4 @@
-"""Lesson 11 (the capstone): which methods no other beats on size and perplexity, and paired verdicts."""
+"""Lesson 14 (the capstone): which methods no other beats on size and perplexity, and paired verdicts."""
 
 import statistics
 
