@@ -24,10 +24,13 @@ Contents (lesson -> module -> what it holds)
   9  notebooks/09_gptq_awq_nf4                     quantcourse/lesson09_gptq_awq_nf4.py
        rtn_quantize, gptq_quantize, awq_search_scale, awq_search_clip, awq_layer, nf4_levels,
        quantize_llama_4bit
+  11 notebooks/11_fp8_mxfp4_nvfp4                  quantcourse/lesson11_fp8_mxfp4_nvfp4.py
+       fp8_encode/fp8_decode (E4M3fn, E5M2), FP8Linear, e2m1_encode, mxfp4_quantize, nvfp4_quantize,
+       write_gguf_with
   12 notebooks/12_decode_speed                     quantcourse/lesson12_decode_speed.py
        memory_bandwidth_gbs, PackedLinear, FastDecoder
   14 notebooks/14_capstone_comparison              quantcourse/lesson14_capstone_comparison.py
-       pareto_front, paired_verdict, paired_pareto_front
+       pareto_front, paired_pareto_front
 
 Shared (quantcourse/core/, each module importing only those above it)
   machine     cpu_capability, cpu_flags (CPU_FLAGS, KERNEL_FLAGS), cpu_model_name, cpu_instruction_sets, claim
@@ -35,13 +38,13 @@ Shared (quantcourse/core/, each module importing only those above it)
   memory      rss_mb, peak_rss_mb, fresh_process_peak(s)_mb, malloc_trim
   models      load_smollm2 (the verified cache), load_minilm, load_efficientnet_lite0, load_hub_model
   images      load_image, asset_path
-  llama_cpp   load_llama_cpp, llama_cpp_generate, llama_cpp_token_nll, window_nll (the scoring both runtimes share)
+  llama_cpp   load_llama_cpp, llama_cpp_generate, llama_cpp_token_nll(_kl), window_nll(_kl) (scoring both share)
   generation  get_generation, chat, with_generation_config
   sizes       tensor_parts, tensor_nbytes, model_size, compute_module_sizes, format_bytes
   timing      time_variants, speed_verdict, decode_timings, one_thread
   evaluation  eval_text, perplexity, token_nll, perplexity_with_error, paired_nll_difference,
-              calibration_text
-  surgery     replace_linears, run_with_input_hooks
+              paired_verdict, token_log_probs, token_nll_kl (KL divergence), calibration_text
+  surgery     replace_linears, linears_swapped, run_with_input_hooks
   benchmark   read_benchmark, read_benchmark_nll
 
 Tooling (quantcourse/tooling.py, for scripts and tests): NOTEBOOKS, output_checks, load_script
@@ -63,6 +66,7 @@ MODULES += [
     "quantcourse.lesson07_bitsandbytes",
     "quantcourse.lesson08_outliers_and_w8a8",
     "quantcourse.lesson09_gptq_awq_nf4",
+    "quantcourse.lesson11_fp8_mxfp4_nvfp4",
     "quantcourse.lesson12_decode_speed",
     "quantcourse.lesson14_capstone_comparison",
     "quantcourse.tooling",  # not a lesson's: the notebooks' checks and the script loader, for scripts and tests

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from quantcourse.core.evaluation import paired_nll_difference
+from quantcourse.core.evaluation import paired_verdict
 
-__all__ = ["pareto_front", "paired_verdict", "significantly_better", "paired_pareto_front"]
+__all__ = ["pareto_front", "significantly_better", "paired_pareto_front"]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -31,16 +31,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
         if not dominated:
             front.append(i)
     return front
-
-
-def paired_verdict(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[float, float, str]:
-    """(mean NLL of a minus b, its standard error, verdict): "worse"/"better" past 2 SE, else "indistinguishable"."""
-    diff, se = paired_nll_difference(nll_a, nll_b)
-    if abs(diff) <= 2 * se:
-        verdict = "indistinguishable (within 2 SE)"
-    else:
-        verdict = "worse" if diff > 0 else "better"
-    return diff, se, verdict
 
 
 def significantly_better(nll_a: torch.Tensor, nll_b: torch.Tensor) -> bool:

@@ -773,3 +773,20 @@ def test_gguf_zero_blocks_differ_from_ggml_only_in_the_sign_of_a_zero_scale():
             assert (ref[:9, 1] == 0x80).all()  # ggml: d = -0.0 in every all-zero block
             assert ours[0, 1] == theirs[0, 1] == 0x00  # -0.0 first: d = +0.0
             assert np.array_equal(ours, theirs)
+
+
+# MXFP4 (Lesson 11): ggml's quantize_row_mxfp4_ref through ggml_quantize_chunk
+def test_mxfp4_ggml_rounding_equals_ggml_quantize_chunk_near_powers_of_two():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(512, 32, generator=g) * 0.5
+    k = torch.randint(-20, 20, (512,), generator=g).float()
+    j = torch.randint(0, 40, (512,), generator=g).float()
+    x = x * torch.exp2(k)[:, None]
+    x[:, 5] = torch.exp2(k) * (1 - j * 2.0**-24)  # a block maximum a few ulps below a power of two
+    rows = gguf_rows() + [x.reshape(16, 1024)]
+    for r in rows:
+        e, c = helper.mxfp4_quantize(r, rounding="ggml")
+        assert np.array_equal(helper.mxfp4_ggml_blocks(e, c, r.shape[0]).numpy(), ggml_quantize(r, "MXFP4"))
+    e_ocp, _ = helper.mxfp4_quantize(rows[-1])
+    e_ggml, _ = helper.mxfp4_quantize(rows[-1], rounding="ggml")
+    assert (e_ocp != e_ggml).sum() > 0  # where float log2 rounds up, the spec's exact exponent is one lower

@@ -12,7 +12,7 @@ import math
 import torch
 
 from quantcourse.core.config import ASSETS_DIR
-from quantcourse.core.llama_cpp import check_windows, window_nll
+from quantcourse.core.llama_cpp import check_windows, window_log_probs, window_nll, window_nll_kl
 
 __all__ = [
     "eval_text",
@@ -22,6 +22,10 @@ __all__ = [
     "token_nll",
     "perplexity_with_error",
     "paired_nll_difference",
+    "paired_verdict",
+    "token_log_probs",
+    "token_nll_kl",
+    "mean_with_error",
 ]
 
 
@@ -75,9 +79,40 @@ def token_nll(model, tokenizer, n_tokens: int = 4096, window: int = 512, text: s
     (the capstone benchmark's perplexity and its standard error).
     """
     check_windows(n_tokens, window)
-    ids = tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[0]
     with torch.no_grad():
-        return window_nll(lambda inputs: model(input_ids=inputs[None]).logits.float()[0], ids, n_tokens, window)
+        return window_nll(_logits_of(model), _eval_ids(tokenizer, text), n_tokens, window)
+
+
+def _eval_ids(tokenizer, text: str | None) -> torch.Tensor:
+    return tokenizer(text if text is not None else eval_text(), return_tensors="pt").input_ids[0]
+
+
+def _logits_of(model):
+    return lambda inputs: model(input_ids=inputs[None]).logits.float()[0]
+
+
+def token_log_probs(model, tokenizer, n_tokens: int = 1024, window: int = 512, text: str | None = None) -> torch.Tensor:
+    """(n_tokens, vocab) log-probabilities of the predictions token_nll scores: the reference
+    distributions for token_nll_kl (Lesson 11). 1,024 tokens of SmolLM2's 49,152-word vocabulary
+    hold 201 MB."""
+    with torch.no_grad():
+        return window_log_probs(_logits_of(model), _eval_ids(tokenizer, text), n_tokens, window)
+
+
+def token_nll_kl(
+    model, tokenizer, ref_log_probs: torch.Tensor, window: int = 512, text: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL, KL divergence to the reference) of each token token_log_probs scored (Lesson 11)."""
+    with torch.no_grad():
+        return window_nll_kl(_logits_of(model), _eval_ids(tokenizer, text), ref_log_probs, window)
+
+
+def mean_with_error(values: torch.Tensor) -> tuple[float, float]:
+    """(mean, its standard error std / sqrt(n)) of per-token values, such as KL divergences."""
+    if not torch.is_tensor(values) or values.dim() != 1 or values.numel() < 2:
+        raise ValueError("mean_with_error needs a 1-D tensor of at least two values")
+    v = values.double()
+    return v.mean().item(), v.std().item() / math.sqrt(v.numel())
 
 
 def perplexity_with_error(nll: torch.Tensor) -> tuple[float, float]:
@@ -106,3 +141,14 @@ def paired_nll_difference(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[flo
         raise ValueError("paired_nll_difference needs two 1-D tensors of NLLs of the same (at least two) tokens")
     diff = nll_a.double() - nll_b.double()
     return diff.mean().item(), diff.std().item() / math.sqrt(diff.numel())
+
+
+def paired_verdict(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[float, float, str]:
+    """(mean NLL of a minus b, its standard error, verdict): "worse"/"better" past 2 SE, else
+    "indistinguishable". The capstone's rule (Lesson 14); Lesson 11 ranks its formats with it."""
+    diff, se = paired_nll_difference(nll_a, nll_b)
+    if abs(diff) <= 2 * se:
+        verdict = "indistinguishable (within 2 SE)"
+    else:
+        verdict = "worse" if diff > 0 else "better"
+    return diff, se, verdict

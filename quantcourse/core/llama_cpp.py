@@ -20,8 +20,11 @@ __all__ = [
     "load_llama_cpp",
     "llama_cpp_token_nll",
     "llama_cpp_generate",
+    "llama_cpp_token_nll_kl",
     "check_windows",
     "window_nll",
+    "window_log_probs",
+    "window_nll_kl",
 ]
 
 
@@ -57,19 +60,39 @@ def llama_cpp_token_nll(llm, ids: torch.Tensor | list[int], n_tokens: int = 4096
 
     Both are `window_nll`; only where the logits of a window come from differs.
     """
+    return window_nll(_llama_cpp_logits_of(llm), torch.as_tensor(ids).flatten(), n_tokens, window)
 
+
+def _llama_cpp_logits_of(llm):
     def logits_of(inputs: torch.Tensor) -> torch.Tensor:
         llm.reset()
         llm.eval(inputs.tolist())
         return torch.tensor(llm.scores[: inputs.numel()], dtype=torch.float32)  # (window, vocab)
 
-    return window_nll(logits_of, torch.as_tensor(ids).flatten(), n_tokens, window)
+    return logits_of
+
+
+def llama_cpp_token_nll_kl(
+    llm, ids: torch.Tensor | list[int], ref_log_probs: torch.Tensor, window: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL, KL divergence to ref_log_probs) per token from llama.cpp: window_nll_kl on its logits."""
+    return window_nll_kl(_llama_cpp_logits_of(llm), torch.as_tensor(ids).flatten(), ref_log_probs, window)
 
 
 def check_windows(n_tokens: int, window: int) -> None:
     """Raise ValueError unless `n_tokens` is a positive multiple of `window`."""
     if window < 1 or n_tokens < window or n_tokens % window:
         raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of window ({window})")
+
+
+def _windows(logits_of, ids: torch.Tensor, n_tokens: int, window: int):
+    """(log-probabilities (window, vocab), next tokens (window,)) of each window (see window_nll)."""
+    check_windows(n_tokens, window)
+    if ids.numel() < n_tokens + 1:
+        raise ValueError(f"the text has {ids.numel()} tokens; {n_tokens + 1} are needed")
+    for start in range(0, n_tokens, window):
+        chunk = ids[start : start + window + 1]  # (window + 1,)
+        yield torch.log_softmax(logits_of(chunk[:-1]).float(), -1), chunk[1:]
 
 
 def window_nll(logits_of, ids: torch.Tensor, n_tokens: int, window: int) -> torch.Tensor:
@@ -81,15 +104,34 @@ def window_nll(logits_of, ids: torch.Tensor, n_tokens: int, window: int) -> torc
     windowing: core.evaluation's token_nll (a torch model, Lessons 4 and 14) and
     llama_cpp_token_nll (llama.cpp) call it; it lives here, the earlier of the two core modules.
     """
-    check_windows(n_tokens, window)
-    if ids.numel() < n_tokens + 1:
-        raise ValueError(f"the text has {ids.numel()} tokens; {n_tokens + 1} are needed")
-    losses = []
-    for start in range(0, n_tokens, window):
-        chunk = ids[start : start + window + 1]  # (window + 1,)
-        logits = logits_of(chunk[:-1])
-        losses.append(torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="none"))
-    return torch.cat(losses)  # (n_tokens,)
+    return torch.cat([-lp.gather(1, nxt[:, None])[:, 0] for lp, nxt in _windows(logits_of, ids, n_tokens, window)])
+
+
+def window_log_probs(logits_of, ids: torch.Tensor, n_tokens: int, window: int) -> torch.Tensor:
+    """(n_tokens, vocab) float32 log-probabilities of every prediction, in window_nll's windows:
+    a reference model's token distributions, for window_nll_kl (Lesson 11)."""
+    return torch.cat([lp for lp, _ in _windows(logits_of, ids, n_tokens, window)])
+
+
+def window_nll_kl(
+    logits_of, ids: torch.Tensor, ref_log_probs: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL, KL divergence) of each prediction: the NLL as window_nll, and KL(P_ref || P) =
+    sum_v p_ref(v) (log p_ref(v) - log p(v)) against `ref_log_probs` (window_log_probs of the
+    reference on the same ids and windows), what llama.cpp's `--kl-divergence` reports per token.
+
+    KL is zero only where the two distributions are equal; unlike the NLL, it sees every token of
+    the vocabulary, so it separates two models whose perplexities are within noise (Lesson 11).
+    """
+    n_tokens = ref_log_probs.shape[0]
+    nll, kl = [], []
+    for i, (lp, nxt) in enumerate(_windows(logits_of, ids, n_tokens, window)):
+        ref = ref_log_probs[i * window : (i + 1) * window]
+        if ref.shape != lp.shape:
+            raise ValueError(f"ref_log_probs has {tuple(ref.shape)} for a window of {tuple(lp.shape)}")
+        nll.append(-lp.gather(1, nxt[:, None])[:, 0])
+        kl.append((ref.exp() * (ref - lp)).sum(1))
+    return torch.cat(nll), torch.cat(kl)
 
 
 def llama_cpp_generate(llm, prompt_ids: list[int], new_tokens: int = 32) -> list[int]:

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-__all__ = ["run_rows_until_seen", "run_with_input_hooks", "replace_linears"]
+__all__ = ["run_rows_until_seen", "run_with_input_hooks", "replace_linears", "linears_swapped"]
 
 
 def _is_excluded(name: str, exclude: tuple[str, ...]) -> bool:
@@ -130,3 +130,17 @@ def _caller_stacklevel() -> int:
     while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("quantcourse."):
         level, frame = level + 1, frame.f_back
     return level
+
+
+@contextlib.contextmanager
+def linears_swapped(model: nn.Module, make, exclude: tuple[str, ...] = ("lm_head",)):
+    """Inside the block, every nn.Linear but `exclude` is make(linear) (replace_linears); the original
+    layers come back afterwards, so one loaded model serves every variant (Lesson 11)."""
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] not in exclude}
+    replace_linears(model, make, exclude=exclude)
+    try:
+        yield model
+    finally:
+        for name, layer in originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
