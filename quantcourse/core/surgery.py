@@ -133,10 +133,12 @@ def _caller_stacklevel() -> int:
 
 
 @contextlib.contextmanager
-def linears_swapped(model: nn.Module, make, exclude: tuple[str, ...] = ("lm_head",)):
-    """Inside the block, every nn.Linear but `exclude` is make(linear) (replace_linears); the original
-    layers come back afterwards, so one loaded model serves every variant (Lesson 11)."""
-    originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] not in exclude}
+def linears_swapped(model: nn.Module, make, exclude: tuple[str, ...] | str = ("lm_head",)):
+    """Inside the block, every nn.Linear but `exclude` is make(linear) (replace_linears, with its
+    exclusion rule); the original layers come back afterwards, so one loaded model serves every
+    variant (Lesson 11)."""
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_excluded(n, exclude)}
     replace_linears(model, make, exclude=exclude)
     try:
         yield model
