@@ -143,6 +143,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    grid=None,
 ) -> GroupQuant:
     """GPTQ (Frantar et al., 2022) on one weight (out, in), in float64.
 
@@ -157,6 +158,8 @@ def gptq_quantize(
     `act_order` quantizes the columns with the largest inputs (largest diag H) first, so that
     their errors can still be compensated by many others; each group's grid is then fixed
     beforehand from the original weights (AutoGPTQ's "static groups").
+    `grid(weights (out, g)) -> (scale (out, 1), zero (out, 1))` replaces the min-max grid: Lesson 10
+    runs GPTQ on Q4_0's symmetric grid (scale = the signed largest weight / -8, zero 8) this way.
     """
     _check_float(w, "gptq_quantize")
     g = _group_size(w, group_size)
@@ -171,24 +174,25 @@ def gptq_quantize(
     H[dead, dead] = 1
     W[:, dead] = 0
     H += damp * torch.diag(H).mean() * torch.eye(n_cols, dtype=H.dtype)
+    grid = grid or (lambda group: minmax_params(group, bits))
     static = None
     order = torch.arange(n_cols)
     if act_order:  # largest inputs first; grids fixed in advance from the weights' own groups
-        static = [minmax_params(W[:, start : start + g], bits) for start in range(0, n_cols, g)]
+        static = [grid(W[:, start : start + g]) for start in range(0, n_cols, g)]
         order = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, order], H[order][:, order]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in)
     codes = torch.zeros_like(W)
     scales, zeros = [], []
     with one_thread():
-        _gptq_columns(W, U, codes, scales, zeros, bits, g, block_size, static, order)
+        _gptq_columns(W, U, codes, scales, zeros, bits, g, block_size, static, order, grid)
     if act_order:
         codes = codes[:, torch.argsort(order)]
         scales, zeros = [sz[0] for sz in static], [sz[1] for sz in static]
     return GroupQuant(codes.to(torch.uint8), torch.cat(scales, 1).float(), torch.cat(zeros, 1).to(torch.uint8), g)
 
 
-def _gptq_columns(W, U, codes, scales, zeros, bits: int, g: int, block_size: int, static, order) -> None:
+def _gptq_columns(W, U, codes, scales, zeros, bits: int, g: int, block_size: int, static, order, grid) -> None:
     """GPTQ's column loop (see gptq_quantize): fills codes (and scales, zeros unless the grids are
     `static`, one per group of the original column order); updates W in place."""
     n_cols = W.shape[1]
@@ -203,7 +207,7 @@ def _gptq_columns(W, U, codes, scales, zeros, bits: int, g: int, block_size: int
                 ahead = W1[:, i : i + g]
                 if col + g > b1:  # the group runs past this block (per-channel grids)
                     ahead = torch.cat([ahead, W[:, b1 : col + g]], dim=1)
-                scale, zero = minmax_params(ahead, bits)
+                scale, zero = grid(ahead)
                 scales.append(scale)
                 zeros.append(zero)
             code = quantize_codes(W1[:, i : i + 1], scale, zero, bits)  # (out, 1)
