@@ -24,9 +24,12 @@ Contents (lesson -> module -> what it holds)
   9  notebooks/09_gptq_awq_nf4                     quantcourse/lesson09_gptq_awq_nf4.py
        rtn_quantize, gptq_quantize, awq_search_scale, awq_search_clip, awq_layer, nf4_levels,
        quantize_llama_4bit
+  10 notebooks/10_kquants_and_imatrix             quantcourse/lesson10_kquants_and_imatrix.py
+       quantize_q2_k..quantize_q6_k and the importance-matrix Q4_0/Q5_0/Q4_1/Q5_1 (ports of ggml-quants.c in
+       quantcourse/ggml_quants/), llama_tensor_types (llama-quant.cpp's rules), importance_matrix,
+       gptq_q4_0_blocks, write_gguf_with, quantize_gguf, llama_cpp_quantize, check_gguf_file
   11 notebooks/11_fp8_mxfp4_nvfp4                  quantcourse/lesson11_fp8_mxfp4_nvfp4.py
-       fp8_encode/fp8_decode (E4M3fn, E5M2), FP8Linear, e2m1_encode, mxfp4_quantize, nvfp4_quantize,
-       write_gguf_with
+       fp8_encode/fp8_decode (E4M3fn, E5M2), FP8Linear, e2m1_encode, mxfp4_quantize, nvfp4_quantize
   12 notebooks/12_decode_speed                     quantcourse/lesson12_decode_speed.py
        memory_bandwidth_gbs, PackedLinear, FastDecoder
   14 notebooks/14_capstone_comparison              quantcourse/lesson14_capstone_comparison.py
@@ -66,6 +69,7 @@ MODULES += [
     "quantcourse.lesson07_bitsandbytes",
     "quantcourse.lesson08_outliers_and_w8a8",
     "quantcourse.lesson09_gptq_awq_nf4",
+    "quantcourse.lesson10_kquants_and_imatrix",
     "quantcourse.lesson11_fp8_mxfp4_nvfp4",
     "quantcourse.lesson12_decode_speed",
     "quantcourse.lesson14_capstone_comparison",
@@ -83,9 +87,12 @@ for _module_name in MODULES:
         if _name in HOME:
             raise ImportError(f"{_name!r} is exported by both {HOME[_name]} and {_module_name}")
         HOME[_name] = _module_name
+        _defined_in = getattr(getattr(_module, _name), "__module__", None) or ""
+        if _defined_in.startswith("quantcourse.ggml_quants."):  # a port a lesson module re-exports
+            HOME[_name] = _defined_in
         globals()[_name] = getattr(_module, _name)
         __all__.append(_name)
-del _module, _module_name, _name
+del _module, _module_name, _name, _defined_in
 
 
 def where(name: str) -> str:

@@ -9,7 +9,6 @@ NVFP4Tensor (tests/test_lesson11_fp8_mxfp4_nvfp4.py, and the lesson's cells).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -32,7 +31,6 @@ __all__ = [
     "nvfp4_quantize",
     "nvfp4_dequantize",
     "FP8Linear",
-    "write_gguf_with",
 ]
 
 
@@ -297,45 +295,3 @@ class FP8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-
-def write_gguf_with(source: str | Path, target: str | Path, convert) -> dict[str, str]:
-    """Write a copy of the GGUF file `source` (every metadata key, the tokenizer included) in which
-    convert(name, float32 weight (out, in)) may return (ggml type, uint8 block rows) for a tensor;
-    the others are copied byte for byte. Returns {tensor name: type name} of the written file.
-
-    The weights convert sees are the source file's dequantized by gguf-py, in the file's own row
-    order (llama.cpp's q and k rows are permuted, which leaves each row's blocks unchanged).
-    """
-    import gguf
-    import numpy as np
-
-    reader = gguf.GGUFReader(source)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(target, arch)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-    types = {}
-    for t in reader.tensors:
-        data, qtype = np.asarray(t.data), t.tensor_type
-        if len(t.shape) == 2:
-            w = torch.from_numpy(gguf.quants.dequantize(data, qtype).astype(np.float32))
-            new = convert(t.name, w)
-            if new is not None:
-                qtype, blocks = new
-                data = blocks.numpy()
-                if tuple(gguf.quants.quant_shape_from_byte_shape(data.shape, qtype)) != tuple(w.shape):
-                    raise ValueError(
-                        f"{t.name}: {qtype.name} blocks of shape {data.shape} do not hold {tuple(w.shape)}"
-                    )
-        writer.add_tensor(t.name, data, raw_dtype=qtype)
-        types[t.name] = qtype.name
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return types

@@ -49,6 +49,14 @@ libggml-base.so (ggml_quantize_chunk, dequantize_row_*) and gguf-py's gguf.quant
 - test_gguf_dequantize_equals_ggml_dequantize_row (Q8_0, Q4_0, Q4_1, and Q4_K on blocks
   made by ggml's Q4_K quantizer, which gguf-py lacks)
 - test_gguf_zero_blocks_differ_from_ggml_only_in_the_sign_of_a_zero_scale
+
+K-quants and the importance-matrix quantizers (helper.quantize_tensor: the ports of ggml-quants.c in
+quantcourse/ggml_quants/) vs the same ggml_quantize_chunk, with and without an importance matrix, and
+the file types (helper.llama_tensor_types) vs llama.cpp's llama_model_quantize (Lesson 10):
+- test_kquants_equal_ggml_on_every_ffn_down_tensor (Q2_K..Q6_K, every tensor whose rows hold 256s;
+  every fifth in the forced-AVX2 pass)
+- test_imatrix_quantizers_equal_ggml_on_real_and_edge_rows (Q4_0, Q5_0, Q4_1, Q5_1, K-quants)
+- test_file_types_and_bytes_equal_llama_model_quantize (in tests/test_lesson10_kquants_and_imatrix.py)
 """
 
 import copy
@@ -57,6 +65,7 @@ import functools
 import importlib.util
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -790,3 +799,86 @@ def test_mxfp4_ggml_rounding_equals_ggml_quantize_chunk_near_powers_of_two():
     e_ocp, _ = helper.mxfp4_quantize(rows[-1])
     e_ggml, _ = helper.mxfp4_quantize(rows[-1], rounding="ggml")
     assert (e_ocp != e_ggml).sum() > 0  # where float log2 rounds up, the spec's exact exponent is one lower
+
+
+# ---------------------------------------------------------------------------------------------
+# Lesson 10: the ports of ggml's K-quant and importance-matrix quantizers against ggml itself
+# ---------------------------------------------------------------------------------------------
+
+
+def ggml_quantize_with(x: torch.Tensor, fmt: str, imatrix: torch.Tensor | None) -> np.ndarray:
+    """ggml_quantize_chunk(type, x, dst, 0, rows, n_per_row, imatrix or NULL), independently of the course."""
+    import gguf
+
+    lib, kind = ggml_or_skip(), gguf.GGMLQuantizationType[fmt]
+    src = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    block, type_size = gguf.GGML_QUANT_SIZES[kind]
+    out = np.zeros((src.shape[0], src.shape[1] // block * type_size), dtype=np.uint8)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix.numpy(), dtype=np.float32)
+    pointer = None if weights is None else weights.ctypes.data
+    assert lib.ggml_quantize_chunk(int(kind), src.ctypes.data, out.ctypes.data, 0, *src.shape, pointer) == out.size
+    return out
+
+
+def _imatrix_for(x: torch.Tensor, zeros: bool) -> torch.Tensor:
+    """A positive importance matrix from the squares of the rows' own values (or with zeros in it)."""
+    g = torch.Generator().manual_seed(x.shape[1])
+    im = (torch.rand(x.shape[1], generator=g) ** 2) * 5 + 1e-3
+    if zeros:
+        im[::5] = 0.0
+        im[:32] = 0.0
+    return im
+
+
+@functools.cache
+def _smollm2_tensors() -> dict[str, torch.Tensor]:
+    return helper.gguf_weights()
+
+
+FORCED = os.environ.get("ATEN_CPU_CAPABILITY", "") != ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_kquants_equal_ggml_on_every_ffn_down_tensor(fmt):
+    """Every SmolLM2 tensor whose rows are a multiple of 256 (the 30 ffn_down) for Q4_K, Q5_K and Q6_K,
+    every fifth for Q2_K and Q3_K (whose 576-wide tensors fall back to Q4_0 in every file type), with no
+    importance matrix and with one; in the forced-AVX2 pass every fifth (the same code, other kernels)."""
+    ggml_or_skip()
+    tensors = _smollm2_tensors()
+    layers = range(0, 30, 5) if FORCED or fmt in ("Q2_K", "Q3_K") else range(30)
+    for i in layers:
+        x = tensors[f"blk.{i}.ffn_down.weight"]
+        for im in (None, _imatrix_for(x, zeros=i % 2 == 1)):
+            assert np.array_equal(helper.quantize_tensor(x, fmt, im).numpy(), ggml_quantize_with(x, fmt, im)), (i, im)
+
+
+def _edge_rows(n: int) -> torch.Tensor:
+    """Rows of n weights that stress the searches: zeros, constants, outliers, tiny values, halves."""
+    g = torch.Generator().manual_seed(11)
+    rows = [torch.zeros(n), torch.full((n,), -0.0), torch.full((n,), 2.5), torch.full((n,), 1e-6)]
+    spiky = torch.randn(n, generator=g)
+    spiky[3] = 1e4
+    rows += [spiky, torch.randn(n, generator=g) * 1e-6, torch.randint(-8, 9, (n,), generator=g).float() / 2]
+    rows += [torch.randn(n, generator=g).abs(), -torch.randn(n, generator=g).abs(), torch.randn(n, generator=g) * 30]
+    sparse = torch.randn(n, generator=g)
+    sparse[torch.rand(n, generator=g) < 0.8] = 0.0
+    return torch.stack(rows + [sparse])
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_imatrix_quantizers_equal_ggml_on_real_and_edge_rows(fmt):
+    ggml_or_skip()
+    tensors = _smollm2_tensors()
+    real = tensors["blk.7.ffn_down.weight"][:64] if fmt.endswith("_K") else tensors["blk.3.attn_q.weight"][:64]
+    for x in (real, _edge_rows(512), gguf_rows()[0][:32].contiguous()):
+        for im in (None, _imatrix_for(x, False), _imatrix_for(x, True)):
+            assert np.array_equal(helper.quantize_tensor(x, fmt, im).numpy(), ggml_quantize_with(x, fmt, im))
+
+
+def test_q8_0_ignores_the_importance_matrix_as_ggml_does():
+    ggml_or_skip()
+    x = _smollm2_tensors()["blk.3.attn_q.weight"][:64]
+    im = _imatrix_for(x, False)
+    assert np.array_equal(ggml_quantize_with(x, "Q8_0", im), ggml_quantize_with(x, "Q8_0", None))
+    assert np.array_equal(helper.quantize_tensor(x, "Q8_0", im).numpy(), ggml_quantize_with(x, "Q8_0", None))
