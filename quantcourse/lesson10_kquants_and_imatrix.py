@@ -231,7 +231,12 @@ def gptq_q4_0_blocks(w: torch.Tensor, hessian: torch.Tensor, act_order: bool = T
 
 
 def write_gguf_with(
-    source: str | Path, target: str | Path, convert, weights: dict | None = None, fields: dict[str, int] | None = None
+    source: str | Path,
+    target: str | Path,
+    convert,
+    weights: dict | None = None,
+    fields: dict[str, int] | None = None,
+    cache: bool = False,
 ) -> dict[str, str]:
     """Write a copy of the GGUF file `source` (every metadata key, the tokenizer included) in which
     convert(name, float32 weight (out, in)) may return (ggml type, uint8 block rows) for a tensor;
@@ -240,12 +245,13 @@ def write_gguf_with(
     The weights convert sees are the source file's dequantized by gguf-py, in the file's own row
     order (llama.cpp's q and k rows are permuted, which leaves each row's blocks unchanged);
     `weights` may hold them already ({name: float32 weight}, gguf_weights), to skip that step;
-    `fields` sets uint32 metadata keys ({"general.file_type": 15}). Used by Lesson 11 too (its MXFP4 file).
+    `fields` sets uint32 metadata keys ({"general.file_type": 15}); `cache` keeps the parsed source for
+    the next file written from it (its memory map stays open). Used by Lesson 11 too (its MXFP4 file).
     """
     import gguf
     import numpy as np
 
-    reader = _reader(source)
+    reader = _reader(source) if cache else gguf.GGUFReader(source)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     writer = gguf.GGUFWriter(target, arch)
     for field in reader.fields.values():
@@ -280,9 +286,15 @@ def write_gguf_with(
     return types
 
 
-@functools.lru_cache(maxsize=2)
 def _reader(source):
-    """gguf.GGUFReader(source), kept: parsing the tokenizer's 100,000 strings takes a second or two."""
+    """gguf.GGUFReader(source), kept while the file is unchanged: parsing the tokenizer's 100,000
+    strings takes a second or two, and several files are written from one source."""
+    stat = Path(source).stat()
+    return _cached_reader(str(source), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(source: str, mtime_ns: int, size: int):
     import gguf
 
     return gguf.GGUFReader(source)
@@ -396,7 +408,7 @@ def quantize_gguf(
         return kind, quantize(w, kind.name, imatrix.get(name))
 
     fields = None if ftype is None else {"general.file_type": LLAMA_FTYPE[ftype], "general.quantization_version": 2}
-    return write_gguf_with(source or smollm2_gguf_path(), target, convert, weights, fields)
+    return write_gguf_with(source or smollm2_gguf_path(), target, convert, weights, fields, cache=True)
 
 
 def llama_cpp_quantize(
