@@ -32,6 +32,9 @@ Contents (lesson -> module -> what it holds)
        fp8_encode/fp8_decode (E4M3fn, E5M2), FP8Linear, e2m1_encode, mxfp4_quantize, nvfp4_quantize
   12 notebooks/12_decode_speed                     quantcourse/lesson12_decode_speed.py
        memory_bandwidth_gbs, PackedLinear, FastDecoder
+  13 notebooks/13_kv_cache                         quantcourse/lesson13_kv_cache.py
+       kv_bytes_per_token, quantize_kv (per token / per channel), hadamard_matrix, QuantizedKVDecoder,
+       stream_log_probs, quanto_cache_logits (transformers' QuantizedCache), llama_cpp_cache_log_probs
   14 notebooks/14_capstone_comparison              quantcourse/lesson14_capstone_comparison.py
        pareto_front, paired_pareto_front
 
@@ -72,6 +75,7 @@ MODULES += [
     "quantcourse.lesson10_kquants_and_imatrix",
     "quantcourse.lesson11_fp8_mxfp4_nvfp4",
     "quantcourse.lesson12_decode_speed",
+    "quantcourse.lesson13_kv_cache",
     "quantcourse.lesson14_capstone_comparison",
     "quantcourse.tooling",  # not a lesson's: the notebooks' checks and the script loader, for scripts and tests
 ]
