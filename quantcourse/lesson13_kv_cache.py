@@ -21,6 +21,7 @@ positions (one channel of one head over `group_size` consecutive positions).
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -125,7 +126,9 @@ def quantize_kv(x: torch.Tensor, bits: int, axis: str = "token", group_size: int
     axis "channel": each group is one channel over `group_size` consecutive positions (KIVI's keys).
     Returns (codes uint8 in 0..2^bits-1, scale, minimum), codes shaped (n_groups, group_size),
     scale and minimum (n_groups, 1) in x's dtype; dequantize_kv undoes it. The same arithmetic as
-    optimum-quanto's MaxOptimizer + quantize_weight (the test checks it code for code).
+    optimum-quanto's MaxOptimizer + quantize_weight (the test checks it code for code), except for a
+    constant group, where quanto divides by a zero scale and this keeps scale 1 and codes 0. Unlike
+    Lesson 3's grid, the minimum is a float (no integer zero point, no widening of the range to 0).
     """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits!r}")
@@ -166,8 +169,11 @@ class QuantizedKVDecoder(FastDecoder):
     """Lesson 12's FastDecoder with its KV cache quantized: keys and values at `key_bits` /
     `value_bits` (None keeps them float), grouped along `key_axis` / `value_axis` in groups of
     `group_size`, and the newest positions kept in full precision until `residual` of them have
-    gathered (KIVI's residual; transformers' `residual_length`). Then they are quantized, in the
-    step after the one that wrote them: a chunk of `residual` tokens attends to itself unquantized.
+    gathered (transformers' `residual_length`). Then they are quantized, at the end of the step that
+    filled the residual, after its attention: a chunk of `residual` tokens attends to itself
+    unquantized, and the next step reads it quantized. Keys and values are flushed alike, as
+    transformers does; KIVI flushes its keys so but keeps the newest `residual` values in float as a
+    sliding window, quantizing the oldest one at each step.
 
     rotate_keys multiplies queries and keys by an orthogonal Hadamard matrix after RoPE, before the
     keys are quantized: q H (k H)^T = q k^T, so the rotation cancels in the attention scores and only
@@ -204,23 +210,44 @@ class QuantizedKVDecoder(FastDecoder):
         for axis in (key_axis, value_axis):
             if axis not in KV_AXES:
                 raise ValueError(f"axes must be one of {KV_AXES}, got {axis!r}")
+        if "token" in (key_axis, value_axis) and self.head_dim % self.group_size:
+            raise ValueError(f"per-token groups of {self.group_size} do not tile head_dim {self.head_dim}")
         self.parts = {"k": (key_bits, key_axis), "v": (value_bits, value_axis)}
         self.rotation = hadamard_matrix(self.head_dim, self.dtype) if rotate_keys else None
         self._quantized_upto = [0] * len(self.layers)  # per layer: positions < this are quantized
         self._code_bytes = [0] * len(self.layers)
+        self._end = [0] * len(self.layers)  # per layer: positions < this have been written
 
-    def cache_bytes(self, end: int) -> int:
-        """Bytes the cache holds for positions 0..end-1: quantized codes and scales, float residual."""
+    def cache_bytes(self) -> int:
+        """Bytes the cache holds for the positions written so far: quantized codes and scales, float residual."""
         per_position_float = self.kv_bytes_per_position() // len(self.layers)  # keys + values of one layer
-        return sum(b + (end - q) * per_position_float for b, q in zip(self._code_bytes, self._quantized_upto))
+        return sum(
+            b + (end - q) * per_position_float for b, q, end in zip(self._code_bytes, self._quantized_upto, self._end)
+        )
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, **ignored):
+        """Refused: one pass attends to its own keys and values before they are quantized, so its
+        logits would be the float cache's. Feed a long text in chunks with stream_log_probs."""
+        raise ValueError(
+            "QuantizedKVDecoder quantizes positions only after they have been attended to: score it with "
+            "stream_log_probs (chunks extending one cache), not with one pass (token_nll, perplexity)"
+        )
 
     def _attention(self, i, q, k, v, start):
+        quantized = any(bits is not None for bits, _ in self.parts.values())
         if start == 0:  # a fresh sequence
-            self._quantized_upto[i], self._code_bytes[i] = 0, 0
+            self._quantized_upto[i], self._code_bytes[i], self._end[i] = 0, 0, 0
+        elif quantized and start != self._end[i]:  # a float cache may be rewritten anywhere, as FastDecoder's
+            raise ValueError(
+                f"a quantized cache is extended in order: the next position is {self._end[i]}, got {start} "
+                "(start again at 0 for a new sequence)"
+            )
         if self.rotation is not None:
             q, k = q @ self.rotation, k @ self.rotation  # (T, heads, hd), (T, kv heads, hd)
         out = super()._attention(i, q, k, v, start)  # writes k, v at start.. and attends
         end, done = start + q.shape[0], self._quantized_upto[i]
+        self._end[i] = max(self._end[i], end)
         if end - done >= self.residual:  # flush every whole group of the residual
             stop = done + (end - done) // self.group_size * self.group_size
             for name, cache in (("k", self.k_cache[i]), ("v", self.v_cache[i])):
@@ -271,6 +298,8 @@ def stream_nll_kl(
     nll = -log_probs.gather(1, targets[:, None])[:, 0]
     if ref_log_probs is None:
         return nll, None
+    if ref_log_probs.shape != log_probs.shape:
+        raise ValueError(f"reference log-probs {tuple(ref_log_probs.shape)}, these {tuple(log_probs.shape)}")
     kl = torch.cat(
         [  # in blocks of rows: the (tokens, vocab) temporaries stay small
             (r.exp() * (r - lp)).sum(-1) for r, lp in zip(ref_log_probs.split(128), log_probs.split(128))
@@ -284,7 +313,9 @@ def quanto_cache_logits(model, nbits: int = 4, axis_key: int = 0, axis_value: in
     """logits_of(chunk_ids, start) for stream_log_probs through a transformers model and its
     QuantizedCache (quanto backend), created at start 0 and extended by every chunk after it; the
     cache of the last sequence is `logits_of.cache`. Quanto's axis 0 groups along head_dim (per
-    token), axis -1 along positions (per channel): quantize_kv's "token" and "channel"."""
+    token), axis -1 along positions (per channel): quantize_kv's "token" and "channel". Quanto groups
+    the flattened (batch x heads x positions) axis, so axis -1 groups per channel only while the cache's
+    length at each re-quantization is a multiple of group_size (chunks of `residual` tokens are)."""
     from transformers import QuantizedCache
 
     def logits_of(chunk_ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -300,8 +331,8 @@ def quanto_cache_logits(model, nbits: int = 4, axis_key: int = 0, axis_value: in
 
 
 def quantized_cache_bytes(cache) -> int:
-    """Bytes a transformers QuantizedCache (quanto backend) holds: the packed codes (two 4-bit codes
-    per byte), the scales and shifts of its quantized keys and values, and its float residual."""
+    """Bytes a transformers QuantizedCache (quanto backend) holds: the packed codes (two 4-bit or four
+    2-bit codes per byte), the scales and shifts of its quantized keys and values, and its float residual."""
     total = 0
     for layer in cache.layers:
         for q in (layer._quantized_keys, layer._quantized_values):
@@ -310,11 +341,15 @@ def quantized_cache_bytes(cache) -> int:
     return total
 
 
-def llama_cpp_cache_log_probs(path, ids, cache_type: str = "f16", score_from: int = 512):
+def llama_cpp_cache_log_probs(path, ids, cache_type: str = "f16", score_from: int = 512, rotate: bool = True):
     """(log-probabilities (n - score_from, vocab) of tokens score_from.. of `ids`, seconds to evaluate
     them): `ids` fed as one context to llama.cpp with its KV cache in `cache_type` ("f16", llama.cpp's
     default, "q8_0" or "q4_0"; keys and values both; flash attention on, which llama.cpp needs for a
-    quantized value cache). The seconds include the logits of every position (logits_all)."""
+    quantized value cache). The seconds include the logits of every position (logits_all).
+
+    With a quantized cache and head_dim a multiple of 64, llama.cpp rotates queries, keys and values
+    by a Hadamard matrix (its log: attn_rot_k = 1, attn_rot_v = 1); rotate=False sets
+    LLAMA_ATTN_ROT_DISABLE=1 for this context, which turns that off."""
     import llama_cpp
 
     types = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type numbers
@@ -323,11 +358,20 @@ def llama_cpp_cache_log_probs(path, ids, cache_type: str = "f16", score_from: in
     ids = torch.as_tensor(ids).flatten()
     if not 0 < score_from < ids.numel():
         raise ValueError(f"score_from must be within 1..{ids.numel() - 1}, got {score_from}")
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=ids.numel(), n_batch=ids.numel(), logits_all=True,
-        n_threads=torch.get_num_threads(), type_k=types[cache_type], type_v=types[cache_type],
-        flash_attn=True, verbose=False,
-    )  # fmt: skip
+    before = os.environ.get("LLAMA_ATTN_ROT_DISABLE")
+    if not rotate:
+        os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"  # read when the context (its KV cache) is created
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=ids.numel(), n_batch=ids.numel(), logits_all=True,
+            n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+            type_k=types[cache_type], type_v=types[cache_type], flash_attn=True, verbose=False,
+        )  # fmt: skip
+    finally:
+        if before is None:
+            os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+        else:
+            os.environ["LLAMA_ATTN_ROT_DISABLE"] = before
     try:
         t0 = time.perf_counter()
         llm.eval(ids.tolist())

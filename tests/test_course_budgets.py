@@ -35,11 +35,11 @@ def test_stored_run_is_within_the_lessons_budget(path):
 
 
 def test_lesson_budgets_add_up_to_the_course_budget():
-    """The course's budget: 8 min 15 s since Lessons 10, 11 and 13 landed (issue 26's target is 5 minutes),
+    """The course's budget: 8 min 17 s since Lessons 10, 11 and 13 landed (issue 26's target is 5 minutes),
     no kernel above 3 GB, lessons included; the lessons leave 15 s to make's checks and the site."""
     run_course = _run_course()
     budgets = [nbformat.read(p, as_version=4).metadata["course"] for p in NOTEBOOKS]
-    assert run_course.COURSE_BUDGET_S <= 495 and run_course.LESSONS_BUDGET_S <= run_course.COURSE_BUDGET_S - 15
+    assert run_course.COURSE_BUDGET_S <= 497 and run_course.LESSONS_BUDGET_S <= run_course.COURSE_BUDGET_S - 15
     assert sum(b["budget_s"] for b in budgets) <= run_course.LESSONS_BUDGET_S
     assert max(b["budget_mb"] for b in budgets) <= run_course.COURSE_BUDGET_MB == 3000
 

@@ -1,5 +1,6 @@
 """Lesson 13 (the KV cache): its size, the course's quantized cache, and the libraries' caches it is checked against."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -107,7 +108,7 @@ def test_a_float_cache_is_fastdecoders_and_the_rotation_cancels(tiny_llama):
     plain = _stream(helper.FastDecoder(model, max_len=32), ids)
     float_cache = helper.QuantizedKVDecoder(model, None, None, group_size=8, residual=8, max_len=32)
     assert torch.equal(_stream(float_cache, ids), plain)
-    assert float_cache.cache_bytes(32) == 32 * float_cache.kv_bytes_per_position()
+    assert float_cache.cache_bytes() == 32 * float_cache.kv_bytes_per_position()
     float_cache.set_cache(None, None, rotate_keys=True)  # q H (k H)^T = q k^T
     assert torch.allclose(_stream(float_cache, ids), plain, atol=1e-5)
     whole = helper.FastDecoder(model, max_len=32).step(ids, 0, all_logits=True)[7:31].log_softmax(-1)
@@ -120,17 +121,33 @@ def test_the_residual_stays_float_until_it_is_full(tiny_llama):
     per_layer = decoder.kv_bytes_per_position() // 2  # 2 layers
     with torch.inference_mode():
         decoder.step(ids[0, :8], 0)
-        assert decoder.cache_bytes(8) == 8 * 2 * per_layer  # 8 < 16: nothing quantized yet
+        assert decoder.cache_bytes() == 8 * 2 * per_layer  # 8 < 16: nothing quantized yet
         before = decoder.k_cache[:, :, :8].clone()
         decoder.step(ids[0, 8:16], 8)  # 16 positions: two groups of 8 quantized
-    codes = 16 * 2 * 16 // 2  # 16 positions x 2 kv heads x head_dim 16, two 4-bit codes per byte
+    code_bytes = 16 * 2 * 16 // 2  # 16 positions x 2 kv heads x head_dim 16, two 4-bit codes per byte
     groups = 16 * 2 * 16 // 8  # groups of 8 (along positions for k, along head_dim for v), each a scale and a min
-    assert decoder.cache_bytes(16) == 2 * 2 * (codes + groups * 2 * 4)  # 2 layers x (k, v)
+    assert decoder.cache_bytes() == 2 * 2 * (code_bytes + groups * 2 * 4)  # 2 layers x (k, v)
     assert not torch.equal(decoder.k_cache[:, :, :8], before)  # now dequantized values
     codes, scale, lo = helper.quantize_kv(before[0], 4, "channel", 8)
     assert torch.allclose(decoder.k_cache[0, :, :8], helper.dequantize_kv(codes, scale, lo, before[0].shape, "channel"))
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="in order"):  # a quantized cache cannot be rewound or skip ahead
+            decoder.step(ids[0, :4], 8)
+        decoder.step(ids[1, :4], 16)  # 20 positions: 16 quantized, 4 in the float residual
+        assert decoder.cache_bytes() == 2 * 2 * (code_bytes + groups * 2 * 4) + 4 * 2 * per_layer
+        decoder.step(ids[0, :4], 0)  # a fresh sequence starts over
+        assert decoder.cache_bytes() == 4 * 2 * per_layer
+        with pytest.raises(ValueError, match="stream_log_probs"):
+            decoder(input_ids=ids[:1])  # one pass would never read a quantized position
+    with torch.inference_mode():  # decode steps of one token fill the residual as a chunk does
+        decoder.step(ids[0, :10], 0)
+        for position in range(10, 16):
+            decoder.step(ids[0, position : position + 1], position)
+    assert decoder.cache_bytes() == 2 * 2 * (code_bytes + groups * 2 * 4)
     with pytest.raises(ValueError, match="multiple"):
         helper.QuantizedKVDecoder(model, group_size=8, residual=12)
+    with pytest.raises(ValueError, match="tile head_dim"):
+        helper.QuantizedKVDecoder(model, group_size=32, residual=64)  # head_dim 16
     with pytest.raises(ValueError, match="bits"):
         decoder.set_cache(key_bits=5)
 
@@ -142,6 +159,12 @@ def test_stream_scoring_checks_its_arguments():
     assert torch.allclose(nll, torch.full((4,), 3.0).log()) and kl is None
     with pytest.raises(ValueError, match="scored"):
         helper.stream_nll_kl(torch.zeros(3, 3), torch.arange(6), score_from=2)
+    p = torch.tensor([[0.9, 0.1]]).log()  # KL(ref || this): the reference's probabilities weight the log ratio
+    q = torch.tensor([[0.5, 0.5]]).log()
+    _, kl = helper.stream_nll_kl(q, torch.tensor([0, 1]), ref_log_probs=p, score_from=1)
+    assert kl.item() == pytest.approx(0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5))
+    with pytest.raises(ValueError, match="reference"):
+        helper.stream_nll_kl(q, torch.tensor([0, 1]), ref_log_probs=torch.zeros(1, 3), score_from=1)
 
 
 # -- 3. against the libraries -------------------------------------------------------
@@ -161,7 +184,7 @@ def test_the_course_cache_agrees_with_transformers_quantized_cache(key_axis, qua
     course = _stream(decoder, ids, 128, 512)
     logits_of = helper.quanto_cache_logits(model, 4, quanto_axis, 0)
     quanto = helper.stream_log_probs(logits_of, ids, 128, 512)
-    assert helper.quantized_cache_bytes(logits_of.cache) == decoder.cache_bytes(640)
+    assert helper.quantized_cache_bytes(logits_of.cache) == decoder.cache_bytes()
     _, to_fp32 = helper.stream_nll_kl(course, ids, ref)
     _, between = helper.stream_nll_kl(quanto, ids, course)
     assert between.mean() < 0.2 * to_fp32.mean()
