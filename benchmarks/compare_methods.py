@@ -176,6 +176,27 @@ def _int4(method: str, group_size: int | None) -> Callable[[Path], nn.Module]:
     return load
 
 
+def _fp8(activations: str | None) -> Callable[[Path], nn.Module]:
+    """E4M3 weights with a scale per output channel (Lesson 11's FP8Linear); activations None keeps them
+    fp32 (W8A16-FP8), "per_tensor" casts them to E4M3 with one dynamic scale per call (W8A8-FP8)."""
+
+    def load(folder: Path) -> nn.Module:
+        return helper.replace_linears(
+            _load(folder), lambda linear: helper.FP8Linear(linear, activations), exclude=(SKIP,)
+        )
+
+    return load
+
+
+def _fp4(fmt: str) -> Callable[[Path], nn.Module]:
+    """MXFP4 or NVFP4 weights held as stored (Lesson 11's FP4Linear), decoded to fp32 at every call."""
+
+    def load(folder: Path) -> nn.Module:
+        return helper.replace_linears(_load(folder), lambda linear: helper.FP4Linear(linear, fmt), exclude=(SKIP,))
+
+    return load
+
+
 def _fast(kind: str, dtype: torch.dtype, group_size: int = 32) -> Callable[[Path], nn.Module]:
     """helper.FastDecoder (Lesson 12): the same weights in a lean decoder with a static KV cache.
 
@@ -249,6 +270,13 @@ METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
     "nf4-g128": ("course helper GroupQuantLinear, NF4 levels", _int4("nf4", 128)),
     "rtn-int4-channel": ("course helper GroupQuantLinear, RTN per channel", _int4("rtn", None)),
     "gptq-int4-channel": ("course helper GroupQuantLinear, GPTQ per channel", _int4("gptq", None)),
+    "fp8-e4m3-w8a16": ("course helper FP8Linear, E4M3 weights per channel, fp32 activations", _fp8(None)),
+    "fp8-e4m3-w8a8": (
+        "course helper FP8Linear, E4M3 weights and activations (per tensor), torch._scaled_mm",
+        _fp8("per_tensor"),
+    ),
+    "mxfp4": ("course helper FP4Linear, MXFP4 (E2M1, an E8M0 scale per 32)", _fp4("mxfp4")),
+    "nvfp4": ("course helper FP4Linear, NVFP4 (E2M1, an E4M3 scale per 16, fp32 per tensor)", _fp4("nvfp4")),
     "fp32-static-compiled": ("transformers static KV cache + torch.compile (fp32)", _static_compiled),
     "fast-fp32": ("course helper FastDecoder, fp32 (lean decoder, static KV cache)", _fast("float", torch.float32)),
     "fast-int8-bf16": (

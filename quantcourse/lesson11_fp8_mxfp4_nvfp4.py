@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from quantcourse.lesson03_linear_quantization_from_scratch import _check_float
+from quantcourse.lesson03_linear_quantization_from_scratch import _check_float, pack_weights, unpack_weights
 
 __all__ = [
     "FloatFormat",
@@ -31,6 +31,7 @@ __all__ = [
     "nvfp4_quantize",
     "nvfp4_dequantize",
     "FP8Linear",
+    "FP4Linear",
 ]
 
 
@@ -295,3 +296,42 @@ class FP8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class FP4Linear(nn.Module):
+    """A linear layer that holds MXFP4 or NVFP4 weights as they are stored: E2M1 codes packed two per
+    byte, plus the format's scales (MXFP4: one E8M0 byte per 32 weights, 4.25 bits per weight;
+    NVFP4: one E4M3 byte per 16 and an fp32 scale for the tensor, 4.5 bits). It decodes the fp32
+    weight at every forward pass (like Lesson 9's GroupQuantLinear: small, not fast; a CPU has no
+    FP4 arithmetic, so the format's speed is not measured here). The capstone's mxfp4 and nvfp4 rows.
+    MXFP4's `rounding` is mxfp4_quantize's: "ggml" by default, the blocks of the lesson's table and of
+    the GGUF file it writes; NVFP4's tensor scale is torchao's default, max|w| / (448 * 6).
+    """
+
+    def __init__(self, linear: nn.Linear, fmt: str = "mxfp4", rounding: str = "ggml"):
+        super().__init__()
+        if fmt not in ("mxfp4", "nvfp4"):
+            raise ValueError(f"fmt must be 'mxfp4' or 'nvfp4', got {fmt!r}")
+        w = linear.weight.detach().float()  # (out, in)
+        self.fmt, self.out_features, self.in_features = fmt, linear.out_features, linear.in_features
+        if fmt == "mxfp4":
+            scales, codes = mxfp4_quantize(w, rounding)  # (out * in / 32,), (out * in / 32, 32)
+            tensor_scale = None
+        else:
+            scales, codes, tensor_scale = nvfp4_quantize(w, w.abs().amax() / (448.0 * 6.0))  # torchao's default
+        self.register_buffer("packed", pack_weights(codes.reshape(-1), 4))  # (out * in / 2,) uint8
+        self.register_buffer("scales", scales.reshape(-1).contiguous())  # uint8 E8M0 or E4M3 bytes
+        self.register_buffer("tensor_scale", tensor_scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight (out, in) the codes and scales stand for."""
+        codes = unpack_weights(self.packed, 4, self.out_features * self.in_features)
+        if self.fmt == "mxfp4":
+            return mxfp4_dequantize(self.scales, codes.reshape(-1, 32), (self.out_features, self.in_features))
+        scales = self.scales.reshape(self.out_features, -1)  # (out, in / 16)
+        return nvfp4_dequantize(scales, codes.reshape(self.out_features, -1), self.tensor_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized().to(x.dtype)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

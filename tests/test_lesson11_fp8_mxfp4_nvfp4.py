@@ -171,6 +171,26 @@ def test_fp8_linear_scaled_mm_is_the_decoded_fp32_product():
         helper.FP8Linear(lin, "per_channel")
 
 
+def test_fp4_linear_holds_the_formats_bytes_and_decodes_the_lessons_weights(weights):
+    """FP4Linear: codes packed two per byte plus the scales (4.25 / 4.5 bits per weight, counted by
+    model_size), its weight bit for bit the lesson's mxfp4 (ggml rounding) and nvfp4 (torchao's
+    tensor scale) round trip, its output F.linear with that weight."""
+    w = weights[0]  # a real SmolLM2 weight (576 x 1536)
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    mx, nv = helper.FP4Linear(lin, "mxfp4"), helper.FP4Linear(lin, "nvfp4")
+    assert torch.equal(mx.dequantized(), helper.mxfp4_dequantize(*helper.mxfp4_quantize(w, rounding="ggml"), w.shape))
+    assert torch.equal(nv.dequantized(), helper.nvfp4_dequantize(*helper.nvfp4_quantize(w, w.abs().max() / (448 * 6))))
+    assert helper.model_size(mx) * 8 == w.numel() * 4.25  # 4-bit codes + an E8M0 byte per 32
+    assert helper.model_size(nv) * 8 == w.numel() * 4.5 + 32  # + an E4M3 byte per 16, one fp32 tensor scale
+    x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(6))
+    assert torch.equal(mx(x), torch.nn.functional.linear(x, mx.dequantized()))
+    with pytest.raises(ValueError, match="fmt"):
+        helper.FP4Linear(lin, "fp4")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        helper.FP4Linear(torch.nn.Linear(24, 2), "nvfp4")
+
+
 def test_linears_swapped_restores_the_originals(tiny_llama):
     model, ids = tiny_llama
     before = {n: m for n, m in model.named_modules()}
