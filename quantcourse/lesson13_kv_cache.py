@@ -6,8 +6,8 @@ Contents, in the order of the lesson
   2  What it costs in speed: decode_step_seconds (Lesson 12's FastDecoder at several cache lengths)
   3  Quantizing it from scratch: quantize_kv / dequantize_kv (asymmetric min-max, per token or per
      channel, KIVI's two choices), kv_code_bytes, QuantizedKVDecoder (FastDecoder with a quantized
-     cache and KIVI's full-precision residual), stream_log_probs / stream_nll_kl (one long text fed in
-     chunks, scored past the first window)
+     cache and KIVI's full-precision residual), stream_log_probs / stream_nll_kl / stream_scores (one long
+     text fed in chunks, scored past the first window; stream_scores in one pass)
   4  A rotation: hadamard_matrix (QuaRot's trick on the keys, applied after RoPE to queries and keys)
   5  Against the libraries: quanto_cache_logits and quantized_cache_bytes (transformers' QuantizedCache,
      quanto backend) and
@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from quantcourse.core.llama_cpp import kl_rows
 from quantcourse.lesson12_decode_speed import FastDecoder
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "QuantizedKVDecoder",
     "stream_log_probs",
     "stream_nll_kl",
+    "stream_scores",
     "quanto_cache_logits",
     "quantized_cache_bytes",
     "llama_cpp_cache_log_probs",
@@ -263,6 +265,20 @@ class QuantizedKVDecoder(FastDecoder):
         return out
 
 
+def _stream_blocks(logits_of, ids: torch.Tensor, chunk: int, score_from: int):
+    """(first scored row, log-probabilities (rows, vocab)) of each chunk of `ids` that predicts a
+    scored token: the chunks of stream_log_probs, each extending the same cache."""
+    n = ids.numel()
+    if n % chunk or not 0 < score_from < n:
+        raise ValueError(f"need len(ids) ({n}) a multiple of chunk ({chunk}) and 0 < score_from < len(ids)")
+    for start in range(0, n, chunk):
+        logits = logits_of(ids[start : start + chunk], start).float()  # (chunk, vocab)
+        lo = max(score_from - 1 - start, 0)  # position p predicts token p + 1
+        hi = min(chunk, n - 1 - start)
+        if lo < hi:
+            yield start + lo - (score_from - 1), F.log_softmax(logits[lo:hi], dim=-1)
+
+
 def stream_log_probs(logits_of, ids: torch.Tensor, chunk: int = 128, score_from: int = 512) -> torch.Tensor:
     """(n - score_from, vocab) log-probabilities of tokens score_from..n-1 of one long sequence `ids`.
 
@@ -271,20 +287,12 @@ def stream_log_probs(logits_of, ids: torch.Tensor, chunk: int = 128, score_from:
     windows): what a quantized cache changes is exactly what the context holds.
     """
     ids = torch.as_tensor(ids).flatten()
-    n = ids.numel()
-    if n % chunk or not 0 < score_from < n:
-        raise ValueError(f"need len(ids) ({n}) a multiple of chunk ({chunk}) and 0 < score_from < len(ids)")
     out = None  # (n - score_from, vocab), filled in place: no second copy at the end
     with torch.inference_mode():
-        for start in range(0, n, chunk):
-            logits = logits_of(ids[start : start + chunk], start).float()  # (chunk, vocab)
-            lo = max(score_from - 1 - start, 0)  # position p predicts token p + 1
-            hi = min(chunk, n - 1 - start)
-            if lo < hi:
-                if out is None:
-                    out = torch.empty(n - score_from, logits.shape[-1])
-                row = start + lo - (score_from - 1)
-                out[row : row + hi - lo] = F.log_softmax(logits[lo:hi], dim=-1)
+        for row, lp in _stream_blocks(logits_of, ids, chunk, score_from):
+            if out is None:
+                out = torch.empty(ids.numel() - score_from, lp.shape[-1])
+            out[row : row + lp.shape[0]] = lp
     return out
 
 
@@ -300,12 +308,30 @@ def stream_nll_kl(
         return nll, None
     if ref_log_probs.shape != log_probs.shape:
         raise ValueError(f"reference log-probs {tuple(ref_log_probs.shape)}, these {tuple(log_probs.shape)}")
-    kl = torch.cat(
-        [  # in blocks of rows: the (tokens, vocab) temporaries stay small
-            (r.exp() * (r - lp)).sum(-1) for r, lp in zip(ref_log_probs.split(128), log_probs.split(128))
-        ]
-    )
-    return nll, kl
+    return nll, kl_rows(ref_log_probs, log_probs)
+
+
+def stream_scores(
+    logits_of, ids: torch.Tensor, ref_log_probs: torch.Tensor, chunk: int = 128, score_from: int = 512, keep_last=0
+):
+    """stream_log_probs and stream_nll_kl in one pass: (NLL, KL(ref || this) per scored token, the
+    log-probabilities of the last `keep_last` scored tokens or None), scoring each chunk as it comes,
+    so the (n - score_from, vocab) log-probabilities (300 MB for 1,536 tokens) are never held at once."""
+    ids = torch.as_tensor(ids).flatten()
+    targets = ids[score_from:]
+    if ref_log_probs.shape[0] != targets.numel() or not 0 <= keep_last <= targets.numel():
+        raise ValueError(
+            f"reference log-probs for {ref_log_probs.shape[0]} tokens, {targets.numel()} scored; keep_last {keep_last}"
+        )
+    nll, kl, kept = torch.empty(targets.numel()), torch.empty(targets.numel()), []
+    with torch.inference_mode():
+        for row, lp in _stream_blocks(logits_of, ids, chunk, score_from):
+            rows = slice(row, row + lp.shape[0])
+            nll[rows] = -lp.gather(1, targets[rows, None])[:, 0]
+            kl[rows] = kl_rows(ref_log_probs[rows], lp)
+            if row + lp.shape[0] > targets.numel() - keep_last:
+                kept.append(lp[max(targets.numel() - keep_last - row, 0) :])
+    return nll, kl, torch.cat(kept) if keep_last else None
 
 
 # -- 5 Against the libraries -------------------------------------------------

@@ -222,6 +222,14 @@ def test_kl_divergence_is_zero_for_itself_and_matches_a_hand_computation(tiny_ll
     assert torch.allclose(kl_u, expected, atol=1e-5)
     with pytest.raises(ValueError, match="ref_log_probs"):
         helper.window_nll_kl(logits_of, ids, ref[:, :50], 16)
+    # windows longer than the 128 rows window_nll_kl sums at a time: every row as the whole-window formula
+    long_ids = torch.randint(0, 96, (321,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        long_ref = helper.window_log_probs(logits_of, long_ids, 320, 160)
+        cooler = lambda inputs: 0.5 * logits_of(inputs)  # another model: the same logits at temperature 2
+        _, kl_long = helper.window_nll_kl(cooler, long_ids, long_ref, 160)
+        other = helper.window_log_probs(cooler, long_ids, 320, 160)
+    assert torch.equal(kl_long, (long_ref.exp() * (long_ref - other)).sum(1))
     mean, se = helper.mean_with_error(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert mean == 2.5 and se == pytest.approx(math.sqrt(5 / 3) / 2)
     with pytest.raises(ValueError):

@@ -152,6 +152,27 @@ def test_the_residual_stays_float_until_it_is_full(tiny_llama):
         decoder.set_cache(key_bits=5)
 
 
+def test_stream_scores_is_stream_log_probs_then_stream_nll_kl_in_one_pass(tiny_llama):
+    model, ids = tiny_llama
+    ids = torch.cat([ids[0], ids[1]])  # 32 tokens
+    ref = _stream(helper.FastDecoder(model, max_len=32), ids)  # (24, vocab): scored from token 8
+    decoder = helper.QuantizedKVDecoder(model, 4, 4, "token", "token", group_size=8, residual=8, max_len=32)
+    step = lambda c, s: decoder.step(c, s, all_logits=True)
+    lp = helper.stream_log_probs(step, ids, 8, 8)
+    nll, kl, last = helper.stream_scores(step, ids, ref, 8, 8, keep_last=10)  # 10 rows: across a chunk boundary
+    expected_nll, expected_kl = helper.stream_nll_kl(lp, ids, ref, score_from=8)
+    assert torch.equal(nll, expected_nll) and torch.equal(kl, expected_kl) and torch.equal(last, lp[-10:])
+    assert kl.min() >= 0 and kl.max() > 0  # int4: the cache changes the predictions
+    assert helper.stream_scores(step, ids, ref, 8, 8)[2] is None
+    assert torch.equal(helper.kl_rows(ref, lp, block=5), expected_kl)  # blocks of rows: the same sums
+    with pytest.raises(ValueError, match="scored"):
+        helper.stream_scores(step, ids, ref[:-1], 8, 8)
+    with pytest.raises(ValueError, match="keep_last"):
+        helper.stream_scores(step, ids, ref, 8, 8, keep_last=25)
+    with pytest.raises(ValueError, match="kl_rows"):
+        helper.kl_rows(ref, lp[:, :5])
+
+
 def test_stream_scoring_checks_its_arguments():
     with pytest.raises(ValueError, match="multiple"):
         helper.stream_log_probs(None, torch.arange(30), chunk=8)

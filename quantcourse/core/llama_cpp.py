@@ -25,6 +25,7 @@ __all__ = [
     "window_nll",
     "window_log_probs",
     "window_nll_kl",
+    "kl_rows",
 ]
 
 
@@ -130,9 +131,19 @@ def window_nll_kl(
         if ref.shape != lp.shape:
             raise ValueError(f"ref_log_probs has {tuple(ref.shape)} for a window of {tuple(lp.shape)}")
         nll.append(-lp.gather(1, nxt[:, None])[:, 0])
-        # 128 rows at a time: the same sums, without three more (window, vocab) temporaries at once
-        kl.append(torch.cat([(r.exp() * (r - q)).sum(1) for r, q in zip(ref.split(128), lp.split(128))]))
+        kl.append(kl_rows(ref, lp))
     return torch.cat(nll), torch.cat(kl)
+
+
+def kl_rows(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """KL(P_ref || P) = sum_v p_ref(v) (log p_ref(v) - log p(v)) of each row of two (tokens, vocab)
+    log-probability tensors, `block` rows at a time: the same sums as on the whole tensors, without
+    three more (tokens, vocab) temporaries at once (Lessons 11 and 13)."""
+    if ref_log_probs.shape != log_probs.shape or ref_log_probs.dim() != 2:
+        raise ValueError(
+            f"kl_rows needs two (tokens, vocab) tensors, got {tuple(ref_log_probs.shape)}, {tuple(log_probs.shape)}"
+        )
+    return torch.cat([(r.exp() * (r - q)).sum(1) for r, q in zip(ref_log_probs.split(block), log_probs.split(block))])
 
 
 def llama_cpp_generate(llm, prompt_ids: list[int], new_tokens: int = 32) -> list[int]:
