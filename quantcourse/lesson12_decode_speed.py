@@ -4,9 +4,9 @@ Contents, in the order of the lesson
   1  The roofline: memory_bandwidth_gbs (the CPU's flags: core/machine.py), roofline_tokens_per_s,
      bytes_per_token
   2  One linear layer on each CPU kernel: quantize_int8_per_channel, quantize_int4_groups,
-     pack_scales_and_zeros, PackedLinear, reference_weight, kernel_error, last_level_cache_bytes,
-     time_kernels,
-     matmul_seconds
+     pack_scales_and_zeros, PackedLinear (PackedLinear.from_group_quant: a Lesson 9 checkpoint's own
+     int4 codes), reference_weight, kernel_error, time_kernels, matmul_seconds
+     (last_level_cache_bytes: core/machine.py)
   3  Everything else a token costs: with_generation_config (core/generation.py: transformers' static cache),
      rms_norm, apply_rope, FastDecoder (a lean Llama decoder with a static KV cache that
      helper.token_nll and helper.decode_timings accept like a transformers model),
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from quantcourse.core.timing import time_variants
 from quantcourse.lesson03_linear_quantization_from_scratch import _quantize_per_channel, quantize_per_channel
+from quantcourse.lesson09_gptq_awq_nf4 import GroupQuant, GroupQuantLinear
 
 __all__ = [
     "memory_bandwidth_gbs",
@@ -43,7 +43,6 @@ __all__ = [
     "PackedLinear",
     "reference_weight",
     "kernel_error",
-    "last_level_cache_bytes",
     "time_kernels",
     "matmul_seconds",
     "rms_norm",
@@ -213,6 +212,26 @@ class PackedLinear:
             self.scales = scale.to(dtype)
         self._forward = getattr(self, "_" + kind.replace("-", "_"))
 
+    @classmethod
+    def from_group_quant(cls, gq: GroupQuant, dtype: torch.dtype = torch.bfloat16) -> PackedLinear:
+        """An int4pack layer holding a Lesson 9 GroupQuant's codes (RTN, GPTQ, AWQ: (code - zero) * scale) as
+        they are: the kernel's zero (code 8's value) is (8 - zero) * scale, rounded with the scale to `dtype`,
+        the one change to the weight. Kernel groups must divide the row: a group of 128 on a row of 576 (its
+        last group 64) becomes two of 64 that repeat its scale and zero (more bytes, the same weight)."""
+        out_features, in_features = gq.codes.shape
+        g = max((g for g in INT4_GROUP_SIZES if gq.group_size % g == 0 == in_features % g), default=None)
+        if gq.levels is not None or gq.zero is None or g is None or out_features % 16:
+            raise ValueError("the int4 kernel holds a uniform grid (not NF4's codebook), in groups of 32-256 "
+                             "that divide the checkpoint's groups and the row, and out_features % 16 == 0")  # fmt: skip
+        group = torch.arange(in_features // g) * g // gq.group_size  # (in / g,) the checkpoint group of each
+        self, scale = cls.__new__(cls), gq.scale.float()[:, group]  # (out, in / g)
+        self.kind, self.dtype, self.group_size = "int4pack", dtype, g
+        self.out_features, self.in_features = out_features, in_features
+        self.weight = aten._convert_weight_to_int4pack_for_cpu(gq.codes.to(torch.int32), 1)  # (out, in/2) uint8
+        self.scales = pack_scales_and_zeros(scale.to(dtype), ((8 - gq.zero.float()[:, group]) * scale).to(dtype))
+        self._forward = self._int4pack
+        return self
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(T, in) -> (T, out), in x's dtype."""
         return self._forward(x)
@@ -297,33 +316,6 @@ def kernel_error(linear: PackedLinear, x: torch.Tensor, reference: torch.Tensor)
     return ((linear(x.to(linear.dtype)).double() - expected).abs().max() / expected.abs().max()).item()
 
 
-def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
-    """Size in bytes of the largest (highest-level) data or unified cache of CPU 0, from Linux's
-    sysfs (`index*/level`, `type`, `size` such as "32768K"); None where sysfs does not say.
-
-    A bandwidth measurement or a set of weights smaller than this may be served by the cache
-    rather than by memory.
-    """
-    best = None
-    for index in sorted(Path(root).glob("index*")):
-        try:
-            level = int((index / "level").read_text())
-            kind = (index / "type").read_text().strip()
-            size = (index / "size").read_text().strip()
-        except (OSError, ValueError):
-            continue
-        if kind == "Instruction" or not size:
-            continue
-        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1].upper(), 1)
-        try:
-            nbytes = int(size.rstrip("KkMmGg")) * unit
-        except ValueError:
-            continue
-        if best is None or level > best[0] or (level == best[0] and nbytes > best[1]):
-            best = (level, nbytes)
-    return None if best is None else best[1]
-
-
 def time_kernels(calls: dict[str, Any], inner: int = 50, repeats: int = 5) -> dict[str, list[float]]:
     """Seconds per call of each zero-argument callable, per round, by the course's timing protocol
     (helper.time_variants: interleaved rounds), each round running the callable `inner` times."""
@@ -389,14 +381,25 @@ class _Layer:
 
     def __init__(self, hf_layer, kind: str, dtype: torch.dtype, group_size: int):
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # (q + 2 kv, hidden)
-        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])  # (2 * intermediate, hidden)
         self.norm1 = hf_layer.input_layernorm.weight.detach().to(dtype)  # (hidden,)
         self.norm2 = hf_layer.post_attention_layernorm.weight.detach().to(dtype)
-        self.qkv = PackedLinear(qkv, kind, dtype, group_size)
-        self.o = PackedLinear(attn.o_proj.weight, kind, dtype, group_size)
-        self.gate_up = PackedLinear(gate_up, kind, dtype, group_size)
-        self.down = PackedLinear(mlp.down_proj.weight, kind, dtype, group_size)
+        pack = lambda *linears: _packed(linears, kind, dtype, group_size)  # qkv: (q + 2 kv, hidden)
+        self.qkv, self.o = pack(attn.q_proj, attn.k_proj, attn.v_proj), pack(attn.o_proj)
+        self.gate_up, self.down = pack(mlp.gate_proj, mlp.up_proj), pack(mlp.down_proj)
+
+
+def _packed(linears, kind: str, dtype: torch.dtype, group_size: int) -> PackedLinear:
+    """One PackedLinear for the row-wise concatenation of `linears`: of their float weights, or, for
+    Lesson 9's GroupQuantLinear layers, of their own codes (kind "int4pack" only)."""
+    if not any(isinstance(linear, GroupQuantLinear) for linear in linears):
+        return PackedLinear(torch.cat([linear.weight for linear in linears]), kind, dtype, group_size)
+    if kind != "int4pack" or not all(isinstance(linear, GroupQuantLinear) for linear in linears):
+        raise ValueError("Lesson 9's GroupQuantLinear layers deploy on kind='int4pack', all of a fused matmul together")
+    gqs = [linear.group_quant() for linear in linears]
+    if len({gq.group_size for gq in gqs}) > 1 or any(gq.levels is not None for gq in gqs):
+        raise ValueError("the layers of one fused matmul need the same uniform grid and group size")
+    cat = lambda field: torch.cat([getattr(gq, field) for gq in gqs])
+    return PackedLinear.from_group_quant(GroupQuant(cat("codes"), cat("scale"), cat("zero"), gqs[0].group_size), dtype)
 
 
 class FastDecoder(nn.Module):

@@ -1,5 +1,6 @@
 """Lesson 12 (decode speed on a CPU): the roofline, the kernels' weight layouts, the lean decoder."""
 
+import copy
 import statistics
 
 import pytest
@@ -346,3 +347,36 @@ def test_fast_decoders_on_smollm2_keep_its_greedy_tokens_and_perplexity():
     base = helper.perplexity(model, tokenizer, max_tokens=256)
     int4 = helper.FastDecoder(model, "int4pack", BF16, 32)
     assert abs(helper.perplexity(int4, tokenizer, max_tokens=256) / base - 1) < 0.01  # the Q4_1 grid again
+
+
+def test_packed_linear_from_group_quant_multiplies_by_the_checkpoints_own_weight():
+    g = torch.Generator().manual_seed(6)
+    w, x = torch.randn(32, 576, generator=g), torch.randn(3, 576, generator=g).to(BF16)
+    gq = helper.rtn_quantize(w, 4, 128)  # groups 128, 128, 128, 128 and a last one of 64
+    linear = helper.PackedLinear.from_group_quant(gq)
+    assert linear.group_size == 64 and linear.scales.shape == (9, 32, 2)  # each 128-group as two of 64
+    scale = gq.scale.to(BF16).float().repeat_interleave(128, 1)[:, :576]  # (out, in), rounded as the kernel holds it
+    zero = ((8 - gq.zero.float()) * gq.scale.float()).to(BF16).float().repeat_interleave(128, 1)[:, :576]
+    expected = (gq.codes.float() - 8) * scale + zero  # the checkpoint's weight with bf16 parameters
+    assert (expected - gq.dequantize()).abs().max() < 0.01 * gq.dequantize().abs().max()  # bf16 scales: small change
+    assert helper.kernel_error(linear, x, expected) < 0.01  # bf16 activations and accumulation only
+    assert linear.nbytes == 32 * 576 // 2 + 9 * 32 * 2 * 2
+    with pytest.raises(ValueError, match="uniform grid"):
+        helper.PackedLinear.from_group_quant(helper.nf4_quantize(w, 128))
+    with pytest.raises(ValueError, match="uniform grid"):
+        helper.PackedLinear.from_group_quant(helper.rtn_quantize(w, 4, 48))  # no kernel group divides 48 and 576
+
+
+def test_fast_decoder_deploys_lesson_9_codes_on_the_int4_kernel(tiny_llama):
+    llama, ids = tiny_llama
+    quantized = helper.quantize_llama_4bit(copy.deepcopy(llama), "rtn", group_size=64)
+    decoder = helper.FastDecoder(quantized, "int4pack", BF16, max_len=64)
+    with torch.no_grad():
+        expected = quantized(input_ids=ids[:1]).logits[0]  # GroupQuantLinear: the codes dequantized in fp32
+        got = decoder(input_ids=ids[:1]).logits[0].float()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 activations, int8 lm_head
+    assert decoder.layers[0].qkv.group_size == 64 and decoder.head_kind == "int8pack"
+    with pytest.raises(ValueError, match="int4pack"):
+        helper.FastDecoder(quantized, "int8pack", BF16)
+    with pytest.raises(ValueError, match="uniform grid"):
+        helper.FastDecoder(helper.quantize_llama_4bit(copy.deepcopy(llama), "nf4", group_size=64), "int4pack", BF16)

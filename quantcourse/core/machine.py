@@ -24,6 +24,7 @@ __all__ = [
     "cpu_flags",
     "cpu_model_name",
     "cpu_instruction_sets",
+    "last_level_cache_bytes",
 ]
 
 
@@ -133,3 +134,30 @@ def cpu_instruction_sets(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, boo
     """
     found = cpu_flags(cpuinfo, INSTRUCTION_SETS)
     return found if found is not None else dict.fromkeys(INSTRUCTION_SETS, False)
+
+
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """Size in bytes of the largest (highest-level) data or unified cache of CPU 0, from Linux's
+    sysfs (`index*/level`, `type`, `size` such as "32768K"); None where sysfs does not say.
+
+    A bandwidth measurement or a set of weights smaller than this may be served by the cache
+    rather than by memory. Taught in Lesson 12 (its memory-bandwidth measurement).
+    """
+    best = None
+    for index in sorted(Path(root).glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1].upper(), 1)
+        try:
+            nbytes = int(size.rstrip("KkMmGg")) * unit
+        except ValueError:
+            continue
+        if best is None or level > best[0] or (level == best[0] and nbytes > best[1]):
+            best = (level, nbytes)
+    return None if best is None else best[1]
