@@ -21,7 +21,8 @@ already in --out (the CSV, the markdown table, the per-token NLLs), keeping ever
 the CSV's first line then also says which rows were re-measured, on which date and machine.
 
 The fast-* rows run helper.FastDecoder (Lesson 12), a lean decoder with a static KV cache, on
-PyTorch's weight-only int8/int4 CPU kernels with bf16 activations; their lm_head is int8. The
+PyTorch's weight-only int8/int4 CPU kernels with bf16 activations; their lm_head is int8. The *-fast
+rows deploy the codes of a Lesson 9 row (RTN, GPTQ, AWQ at groups of 128) on the same int4 kernel. The
 fp32-static-compiled row is transformers' own recipe (static cache + torch.compile), its compile
 time in load_quantize_s.
 
@@ -214,6 +215,22 @@ def _fast(kind: str, dtype: torch.dtype, group_size: int = 32) -> Callable[[Path
     return load
 
 
+def _int4_fast(method: str) -> Callable[[Path], nn.Module]:
+    """The codes of the <method>-int4-g128 row (Lesson 9) deployed on PyTorch's fused int4 kernel in
+    helper.FastDecoder (Lesson 12, PackedLinear.from_group_quant): the same codes, scales and zeros in
+    bf16 (groups of 128 held as kernel groups of 64 where a row of 576 needs them), bf16 activations,
+    and the int8 lm_head of fast-int4-g32-bf16."""
+
+    def load(folder: Path) -> nn.Module:
+        model = _int4(method, 128)(folder)
+        decoder = helper.FastDecoder(model, "int4pack", torch.bfloat16)
+        del model  # the decoder holds the codes in its own layout
+        gc.collect()
+        return decoder
+
+    return load
+
+
 def _static_compiled(folder: Path) -> nn.Module:
     """transformers' own fast path: a static KV cache and torch.compile, compiled here (load time includes it).
 
@@ -286,6 +303,18 @@ METHODS: dict[str, tuple[str, Callable[[Path], nn.Module]]] = {
     "fast-int4-g32-bf16": (
         "course helper FastDecoder, int4 g32 weights (_weight_int4pack_mm_for_cpu) + bf16, int8 lm_head",
         _fast("int4pack", torch.bfloat16, 32),
+    ),
+    "rtn-int4-g128-fast": (
+        "rtn-int4-g128's codes on FastDecoder's int4 kernel + bf16, int8 lm_head",
+        _int4_fast("rtn"),
+    ),
+    "gptq-int4-g128-fast": (
+        "gptq-int4-g128's codes on FastDecoder's int4 kernel + bf16, int8 lm_head",
+        _int4_fast("gptq"),
+    ),
+    "awq-int4-g128-fast": (
+        "awq-int4-g128's codes on FastDecoder's int4 kernel + bf16, int8 lm_head",
+        _int4_fast("awq"),
     ),
     LLAMA_CPP: ("llama.cpp (llama-cpp-python), the GGUF file as shipped", None),
 }
