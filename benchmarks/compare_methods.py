@@ -216,10 +216,11 @@ def _fast(kind: str, dtype: torch.dtype, group_size: int = 32) -> Callable[[Path
 
 
 def _int4_fast(method: str) -> Callable[[Path], nn.Module]:
-    """The codes of the <method>-int4-g128 row (Lesson 9) deployed on PyTorch's fused int4 kernel in
-    helper.FastDecoder (Lesson 12, PackedLinear.from_group_quant): the same codes, scales and zeros in
-    bf16 (groups of 128 held as kernel groups of 64 where a row of 576 needs them), bf16 activations,
-    and the int8 lm_head of fast-int4-g32-bf16."""
+    """The <method>-int4-g128 recipe (Lesson 9; its codes recomputed in this row's process) deployed on
+    PyTorch's fused int4 kernel in helper.FastDecoder (Lesson 12, PackedLinear.from_group_quant): the
+    codes as they are, the scale and the kernel's float zero (8 - zero) * scale in bf16 (groups of 128
+    held as kernel groups of 64 where a row of 576 needs them), bf16 activations, and the int8 lm_head
+    of fast-int4-g32-bf16."""
 
     def load(folder: Path) -> nn.Module:
         model = _int4(method, 128)(folder)
@@ -621,7 +622,7 @@ def write_markdown(rows: list[dict], header: str, path: Path) -> None:
         "",
         "Bytes held are counted by helper.model_size (integer data plus scales); "
         "lm_head (tied to the embedding) stays in full precision in every PyTorch method but the "
-        "fast-int* rows (int8 there; llama.cpp runs "
+        "fast-int* and *-g128-fast rows (int8 there; llama.cpp runs "
         "the file as shipped: Q8_0 embedding and output layer). Perplexity: "
         "4,096 tokens of helper.eval_text() in windows of 512, ± its standard error (per-token "
         "NLLs in smollm2_cpu_nll.npz). Decode: median tokens/s of the timed rounds; speed-up: median "

@@ -316,7 +316,9 @@ def stream_scores(
 ):
     """stream_log_probs and stream_nll_kl in one pass: (NLL, KL(ref || this) per scored token, the
     log-probabilities of the last `keep_last` scored tokens or None), scoring each chunk as it comes,
-    so the (n - score_from, vocab) log-probabilities (300 MB for 1,536 tokens) are never held at once."""
+    so the (n - score_from, vocab) log-probabilities (300 MB for 1,536 tokens) are never held at once.
+    A chunk that predicts a single scored token (the first, with score_from 512 and chunks of 128) is
+    a block of one row, whose KL can differ from stream_nll_kl's in the last bits (kl_rows)."""
     ids = torch.as_tensor(ids).flatten()
     targets = ids[score_from:]
     if ref_log_probs.shape[0] != targets.numel() or not 0 <= keep_last <= targets.numel():

@@ -367,15 +367,20 @@ def test_packed_linear_from_group_quant_multiplies_by_the_checkpoints_own_weight
         helper.PackedLinear.from_group_quant(helper.rtn_quantize(w, 4, 48))  # no kernel group divides 48 and 576
 
 
-def test_fast_decoder_deploys_lesson_9_codes_on_the_int4_kernel(tiny_llama):
+@pytest.mark.parametrize("method", ["rtn", "awq"])  # AWQ: scales folded into the norms FastDecoder reads
+def test_fast_decoder_deploys_lesson_9_codes_on_the_int4_kernel(tiny_llama, method):
     llama, ids = tiny_llama
-    quantized = helper.quantize_llama_4bit(copy.deepcopy(llama), "rtn", group_size=64)
+    calibration = ids if method == "awq" else None
+    quantized = helper.quantize_llama_4bit(copy.deepcopy(llama), method, calibration, group_size=64)
     decoder = helper.FastDecoder(quantized, "int4pack", BF16, max_len=64)
     with torch.no_grad():
         expected = quantized(input_ids=ids[:1]).logits[0]  # GroupQuantLinear: the codes dequantized in fp32
         got = decoder(input_ids=ids[:1]).logits[0].float()
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 activations, int8 lm_head
     assert decoder.layers[0].qkv.group_size == 64 and decoder.head_kind == "int8pack"
+    folded = quantized.model.layers[0].input_layernorm.weight  # AWQ divided it by its scales
+    assert torch.equal(decoder.layers[0].norm1, folded.detach().to(BF16))
+    assert torch.equal(folded, llama.model.layers[0].input_layernorm.weight) == (method == "rtn")
     with pytest.raises(ValueError, match="int4pack"):
         helper.FastDecoder(quantized, "int8pack", BF16)
     with pytest.raises(ValueError, match="uniform grid"):

@@ -137,8 +137,9 @@ def window_nll_kl(
 
 def kl_rows(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, block: int = 128) -> torch.Tensor:
     """KL(P_ref || P) = sum_v p_ref(v) (log p_ref(v) - log p(v)) of each row of two (tokens, vocab)
-    log-probability tensors, `block` rows at a time: the same sums as on the whole tensors, without
-    three more (tokens, vocab) temporaries at once (Lessons 11 and 13)."""
+    log-probability tensors, `block` rows at a time, without three more (tokens, vocab) temporaries at once
+    (Lessons 11 and 13): the same sums as on the whole tensors where blocks hold many rows (checked
+    on SmolLM2's vocabulary); a block of one row may be reduced in another order (the last bits)."""
     if ref_log_probs.shape != log_probs.shape or ref_log_probs.dim() != 2:
         raise ValueError(
             f"kl_rows needs two (tokens, vocab) tensors, got {tuple(ref_log_probs.shape)}, {tuple(log_probs.shape)}"
